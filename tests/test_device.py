@@ -1,0 +1,113 @@
+"""The compute path is device-agnostic: every layer, the loss and the optimizers run on
+a strict stand-in for CuPy that refuses host arrays and np. calls (so a stray np. in
+the hot path fails here, on a CPU-only machine). On a machine with CuPy and a GPU the
+same checks run on the real device; elsewhere they skip."""
+import numpy as np
+import pytest
+
+from nn import layers as L, optim
+from nn.backend import get_device_module, get_xp, to_device, to_host
+from nn.gradcheck import rel_error
+from nn.loss import sigmoid_cross_entropy
+from tests.strict_xp import MixError, StrictArray, strict
+
+
+def _all_layers(xp, dtype=np.float64, seed=0):
+    """Forward + backward of every layer and the loss; returns host copies of all outputs."""
+    r = np.random.default_rng(seed)
+    dev = lambda *s: to_device(r.normal(size=s).astype(dtype), xp)
+    res = {}
+    x = dev(2, 3, 8, 8, 3)                        # grouped: 2 groups of 3 images
+    w, b = dev(2, 5, 5, 3, 4), dev(2, 4)
+    h, c1 = L.conv_forward(x, w, b, 2, 'SAME')
+    a, c2 = L.leaky_relu_forward(h, 0.2)
+    f, c3 = L.flatten_forward(a, keep=2)
+    w2, b2 = dev(2, f.shape[-1], 1), dev(2, 1)
+    logits, c4 = L.dense_forward(f, w2, b2)
+    t, c5 = L.tanh_forward(logits)
+    s, c6 = L.sigmoid_forward(t)
+    y = to_device((r.random(s.shape) > 0.5).astype(dtype), xp)
+    loss, ds = sigmoid_cross_entropy(s, y)
+    dt = L.sigmoid_backward(ds, c6)
+    dl = L.tanh_backward(dt, c5)
+    df, dw2, db2 = L.dense_backward(dl, c4)
+    da = L.flatten_backward(df, c3)
+    dh = L.leaky_relu_backward(da, c2)
+    dx, dw, db = L.conv_backward(dh, c1)
+    for k, v in dict(loss=loss, dx=dx, dw=dw, db=db, dw2=dw2, db2=db2).items():
+        assert get_xp(v) is xp, f'{k} left the device'
+        res[k] = to_host(v)
+    for rule in ('sgd', 'sgd_momentum', 'rmsprop', 'adam'):
+        p = to_device(np.linspace(-1, 1, 40000).astype(dtype), xp)
+        g = to_device(r.normal(size=40000).astype(dtype), xp)
+        cfg = getattr(optim, rule)(p, g, None)
+        getattr(optim, rule)(p, g, cfg)
+        assert get_xp(p) is xp
+        res[rule] = to_host(p)
+    return res
+
+
+def test_strict_standin_really_rejects_host_mixing():
+    a = strict.asarray(np.ones(3))
+    with pytest.raises(MixError):
+        a + np.ones(3)
+    with pytest.raises(MixError):
+        np.sum(a)
+    with pytest.raises(MixError):
+        np.asarray(a)
+    with pytest.raises(TypeError):
+        np.exp(a)
+    with pytest.raises(MixError):
+        strict.matmul(a, np.ones(3))
+
+
+def test_every_layer_runs_on_the_strict_device_and_matches_numpy():
+    host = _all_layers(np)
+    dev = _all_layers(strict)
+    for k in host:
+        assert rel_error(host[k], dev[k]) < 1e-14, k
+
+
+def test_a_host_array_in_the_hot_path_is_caught():
+    x = strict.asarray(np.ones((1, 4, 4, 1)))
+    w_host = np.ones((3, 3, 1, 1))                 # forgot to move the weight
+    with pytest.raises(TypeError):
+        L.conv_forward(x, w_host, strict.asarray(np.ones(1)), 1, 'SAME')
+
+
+def test_device_selection_errors():
+    assert get_device_module('cpu') is np
+    with pytest.raises(ValueError, match='unknown device'):
+        get_device_module('tpu')
+    try:
+        import cupy  # noqa: F401
+        have_cupy = True
+    except ImportError:
+        have_cupy = False
+    if not have_cupy:
+        with pytest.raises(RuntimeError, match='needs CuPy'):
+            get_device_module('gpu')
+
+
+def _cupy_or_skip():
+    cp = pytest.importorskip('cupy')
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip('no CUDA device')
+    except Exception as e:      # driver missing
+        pytest.skip(f'no usable CUDA device: {e}')
+    return get_device_module('gpu')
+
+
+def test_cupy_matches_numpy():
+    cp = _cupy_or_skip()
+    host = _all_layers(np)
+    dev = _all_layers(cp)
+    for k in host:
+        assert rel_error(host[k], dev[k]) < 1e-10, k
+
+
+def test_strict_arrays_are_registered():
+    assert get_xp(strict.zeros(2)) is strict
+    assert isinstance(strict.zeros(2), StrictArray)
+    assert get_xp(np.zeros(2)) is np

@@ -1,0 +1,188 @@
+"""Every layer's backward against centred finite differences (float64), and the conv
+forward against a slow direct-loop reference."""
+import numpy as np
+import pytest
+
+from nn import layers as L
+from nn.gradcheck import check_gradient, numerical_gradient, rel_error
+
+TOL = 1e-6      # the acceptance bound; a correct float64 backward lands near 1e-9
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def conv_reference(x, w, b, stride, pad):
+    """Obviously-correct convolution: explicit padding, then a loop over every output pixel."""
+    N, H, W, C = x.shape
+    kh, kw, _, F = w.shape
+    Ho, pt, pb = L.conv_output_size(H, kh, stride, pad if isinstance(pad, (str, int)) else pad[0])
+    Wo, pl, pr = L.conv_output_size(W, kw, stride, pad if isinstance(pad, (str, int)) else pad[1])
+    xp_ = np.zeros((N, H + pt + pb, W + pl + pr, C))
+    xp_[:, pt:pt + H, pl:pl + W] = x
+    out = np.zeros((N, Ho, Wo, F))
+    for n in range(N):
+        for i in range(Ho):
+            for j in range(Wo):
+                patch = xp_[n, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+                for f in range(F):
+                    out[n, i, j, f] = np.sum(patch * w[:, :, :, f]) + b[f]
+    return out
+
+
+CONV_CASES = [
+    # (N, H, W, C, kh, kw, F, stride, pad)
+    (2, 7, 7, 3, 3, 3, 4, 1, 'SAME'),
+    (2, 8, 8, 3, 5, 5, 4, 2, 'SAME'),      # the original's geometry: TF pads 1 before, 2 after
+    (3, 9, 6, 2, 5, 3, 3, 2, 'SAME'),      # odd/even, non-square kernel
+    (2, 8, 7, 3, 3, 3, 2, 1, 'VALID'),
+    (2, 9, 9, 2, 3, 2, 3, 2, 'VALID'),
+    (1, 6, 6, 2, 3, 3, 2, 2, 1),            # explicit symmetric padding
+    (2, 5, 6, 2, 2, 3, 3, 1, ((0, 1), (2, 0))),  # explicit asymmetric padding
+]
+
+
+@pytest.mark.parametrize('case', CONV_CASES)
+def test_conv_forward_matches_direct_loop(case):
+    N, H, W, C, kh, kw, F, s, pad = case
+    r = _rng(0)
+    x, w, b = r.normal(size=(N, H, W, C)), r.normal(size=(kh, kw, C, F)), r.normal(size=F)
+    out, _ = L.conv_forward(x, w, b, s, pad)
+    ref = conv_reference(x, w, b, s, pad)
+    assert out.shape == ref.shape
+    assert rel_error(out, ref) < 1e-12
+
+
+def test_same_padding_is_tensorflows():
+    # TF SAME: 32 -> 16 with k=5, s=2: pad 1 top/left, 2 bottom/right
+    assert L.conv_output_size(32, 5, 2, 'SAME') == (16, 1, 2)
+    assert L.conv_output_size(16, 5, 2, 'SAME') == (8, 1, 2)
+    assert L.conv_output_size(7, 3, 1, 'SAME') == (7, 1, 1)
+    assert L.conv_output_size(8, 3, 1, 'VALID') == (6, 0, 0)
+
+
+@pytest.mark.parametrize('case', CONV_CASES)
+def test_conv_backward(case):
+    N, H, W, C, kh, kw, F, s, pad = case
+    r = _rng(1)
+    x, w, b = r.normal(size=(N, H, W, C)), r.normal(size=(kh, kw, C, F)), r.normal(size=F)
+    out, cache = L.conv_forward(x, w, b, s, pad)
+    dout = r.normal(size=out.shape)
+    dx, dw, db = L.conv_backward(dout, cache)
+    f = lambda: L.conv_forward(x, w, b, s, pad)[0]
+    assert check_gradient(f, x, dx, dout) < TOL
+    assert check_gradient(f, w, dw, dout) < TOL
+    assert check_gradient(f, b, db, dout) < TOL
+    _, dw2, db2 = L.conv_backward(dout, cache, need_dx=False)
+    assert np.array_equal(dw, dw2) and np.array_equal(db, db2)
+
+
+def test_conv_grouped_equals_per_group():
+    r = _rng(2)
+    G, N, H, C, F = 3, 2, 8, 3, 4
+    x, w, b = r.normal(size=(G, N, H, H, C)), r.normal(size=(G, 5, 5, C, F)), r.normal(size=(G, F))
+    out, cache = L.conv_forward(x, w, b, 2, 'SAME')
+    dout = r.normal(size=out.shape)
+    dx, dw, db = L.conv_backward(dout, cache)
+    for g in range(G):
+        o, c = L.conv_forward(x[g], w[g], b[g], 2, 'SAME')
+        assert rel_error(o, out[g]) < 1e-13
+        dxg, dwg, dbg = L.conv_backward(dout[g], c)
+        for a, e in [(dx[g], dxg), (dw[g], dwg), (db[g], dbg)]:
+            assert rel_error(a, e) < 1e-13
+    f = lambda: L.conv_forward(x, w, b, 2, 'SAME')[0]
+    assert check_gradient(f, w, dw, dout, n_samples=60) < TOL
+    assert check_gradient(f, x, dx, dout, n_samples=60) < TOL
+
+
+@pytest.mark.parametrize('grouped', [False, True])
+def test_dense_backward(grouped):
+    r = _rng(3)
+    lead = (3,) if grouped else ()
+    x, w, b = r.normal(size=lead + (5, 7)), r.normal(size=lead + (7, 4)), r.normal(size=lead + (4,))
+    out, cache = L.dense_forward(x, w, b)
+    assert out.shape == lead + (5, 4)
+    dout = r.normal(size=out.shape)
+    dx, dw, db = L.dense_backward(dout, cache)
+    f = lambda: L.dense_forward(x, w, b)[0]
+    for arr, grad in [(x, dx), (w, dw), (b, db)]:
+        assert check_gradient(f, arr, grad, dout) < TOL
+
+
+@pytest.mark.parametrize('name', ['leaky_relu', 'tanh', 'sigmoid'])
+def test_activation_backward(name):
+    r = _rng(4)
+    x = r.normal(size=(4, 3, 5)) * 3
+    x[np.abs(x) < 1e-3] = 0.5          # keep finite differences away from the kink
+    fwd, bwd = getattr(L, name + '_forward'), getattr(L, name + '_backward')
+    out, cache = fwd(x)
+    dout = r.normal(size=out.shape)
+    dx = bwd(dout, cache)
+    assert check_gradient(lambda: fwd(x)[0], x, dx, dout) < TOL
+
+
+def test_leaky_relu_values_and_flatten():
+    x = np.array([-2.0, -0.5, 0.0, 0.5, 3.0])
+    out, _ = L.leaky_relu_forward(x, 0.2)
+    assert np.allclose(out, [-0.4, -0.1, 0.0, 0.5, 3.0])
+    r = _rng(5)
+    x = r.normal(size=(3, 2, 2, 4))
+    out, cache = L.flatten_forward(x)
+    assert out.shape == (3, 16) and np.array_equal(out[1], x[1].reshape(-1))
+    dout = r.normal(size=out.shape)
+    assert check_gradient(lambda: L.flatten_forward(x)[0], x, L.flatten_backward(dout, cache), dout) < TOL
+
+
+def test_sigmoid_is_stable_for_large_inputs():
+    x = np.array([-1000.0, -50.0, 0.0, 50.0, 1000.0], dtype=np.float32)
+    with np.errstate(over='raise'):
+        s = L.sigmoid(x)
+    assert np.all(np.isfinite(s))
+    assert s[0] == 0.0 and s[-1] == 1.0 and s[2] == 0.5
+
+
+def test_layers_run_in_float32_and_float64():
+    r = _rng(6)
+    for dt in (np.float32, np.float64):
+        x = r.normal(size=(2, 8, 8, 3)).astype(dt)
+        w = r.normal(size=(5, 5, 3, 4)).astype(dt)
+        b = r.normal(size=4).astype(dt)
+        out, cache = L.conv_forward(x, w, b, 2, 'SAME')
+        dx, dw, db = L.conv_backward(out, cache)
+        assert out.dtype == dt and dx.dtype == dt and dw.dtype == dt and db.dtype == dt
+        o2, c2 = L.dense_forward(x.reshape(2, -1), r.normal(size=(192, 4)).astype(dt), b)
+        assert o2.dtype == dt and all(g.dtype == dt for g in L.dense_backward(o2, c2))
+
+
+def test_conv_rejects_bad_shapes():
+    r = _rng(7)
+    x = r.normal(size=(2, 8, 8, 3))
+    with pytest.raises(ValueError, match='3 channels but the weight expects 4'):
+        L.conv_forward(x, r.normal(size=(3, 3, 4, 5)), r.normal(size=5))
+    with pytest.raises(ValueError, match='do not fit'):
+        L.conv_forward(x, r.normal(size=(3, 3, 3, 5)), r.normal(size=4))
+    with pytest.raises(ValueError, match='do not fit'):
+        L.conv_forward(x, r.normal(size=(3, 3, 5)), r.normal(size=5))
+    with pytest.raises(ValueError, match='padding'):
+        L.conv_forward(x, r.normal(size=(3, 3, 3, 5)), r.normal(size=5), 1, 'FULL')
+    with pytest.raises(ValueError, match='does not fit'):
+        L.conv_forward(x, r.normal(size=(9, 9, 3, 5)), r.normal(size=5), 1, 'VALID')
+    with pytest.raises(ValueError, match='groups'):
+        L.conv_forward(r.normal(size=(2, 1, 8, 8, 3)), r.normal(size=(3, 3, 3, 3, 5)), r.normal(size=(3, 5)))
+    with pytest.raises(ValueError, match='features but the weight expects'):
+        L.dense_forward(r.normal(size=(2, 5)), r.normal(size=(4, 3)), r.normal(size=3))
+
+
+def test_gradcheck_detects_a_wrong_backward():
+    """The checker itself can fail: a transposed dense gradient is caught."""
+    r = _rng(8)
+    x, w, b = r.normal(size=(4, 4)), r.normal(size=(4, 4)), r.normal(size=4)
+    out, cache = L.dense_forward(x, w, b)
+    dout = r.normal(size=out.shape)
+    _, dw, _ = L.dense_backward(dout, cache)
+    f = lambda: L.dense_forward(x, w, b)[0]
+    assert check_gradient(f, w, dw, dout) < TOL
+    assert check_gradient(f, w, dw.T, dout) > 1e-2
+    with pytest.raises(TypeError, match='float64'):
+        numerical_gradient(f, w.astype(np.float32), dout)
