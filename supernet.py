@@ -1,0 +1,471 @@
+"""SuperNet: a generating network that outputs every weight of a classifying network
+from a small task vector z, with the whole backward written by hand.
+
+Forward (for the G tasks present in a batch; Z holds their task vectors, one row each):
+
+    h_0   = Z                                        (G, z_dim)
+    h_l   = leaky_relu(h_{l-1} @ A_l + c_l)          optional hidden layers
+    pre   = h_L @ W + b                              (G, P)   one matrix for ALL classifier tensors
+    theta = tanh(pre)   (or theta = pre, 'linear')   (G, P)   P = 37,165 for the original classifier
+    theta[g] is cut into the classifier's tensors (views): conv1.w (5,5,3,16), conv1.b (16,), ...
+    logits[g] = classifier(x[g]; theta[g])           each task's images through its own weights
+    loss = mean sigmoid_cross_entropy(logits, y)
+
+Backward, the chain rule read right to left:
+
+    dlogits            = (sigmoid(logits) - y) / N
+    dtheta[g]          = classifier_backward(dlogits[g])   every layer multiplies its input by a
+                                                            generated tensor, so dL/dtensor is the
+                                                            layer's usual weight gradient
+                                                            (e.g. dW_fc = h.T @ dout)
+    dpre               = dtheta * (1 - theta**2)           through the tanh (dpre = dtheta if linear)
+    dW                 = h_L.T @ dpre                       (dim_L, P)  one matrix product
+    db                 = sum_g dpre                         (P,)
+    dh_L               = dpre @ W.T                         then back through the hidden layers
+    dZ                 = dh_0;  dz[task_g] = dZ[g]          into the task vectors
+
+Only the generator's parameters and the z vectors are trainable; the classifier has
+no parameters of its own. `baseline_*` is the "change the whole network" comparison:
+the same classifier with directly trainable weights.
+
+Parameter dicts (keys):
+    SuperNet:  'gen.h1.w', 'gen.h1.b', ... (hidden layers), 'gen.out.w' (dim_L, P),
+               'gen.out.b' (P,), 'z' (n_tasks, z_dim)
+    baseline:  'conv1.w', 'conv1.b', ..., 'fc1.w', ..., 'out.w', 'out.b'
+Gradient dicts have the same keys.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nn import layers as L
+from nn.backend import get_xp, to_device, to_host
+from nn.loss import sigmoid_cross_entropy
+
+
+# =========================================================================== config
+
+@dataclass
+class Config:
+    """Everything that determines the model's shapes and initialisation."""
+    image_shape: tuple = (32, 32, 3)      # H, W, C (NHWC)
+    conv_filters: tuple = (16, 16, 16, 16)
+    kernel: int = 5
+    stride: int = 2
+    padding: str = 'SAME'
+    fc: tuple = (100, 100)
+    fc_activation: bool = False           # the original has none between the fc layers
+    alpha: float = 0.2                    # leaky ReLU slope
+    z_dim: int = 100
+    n_tasks: int = 98
+    gen_hidden: tuple = ()                # widths of the generator's hidden layers (leaky ReLU)
+    gen_output: str = 'tanh'              # 'tanh' (bounds the weights) or 'linear'
+    gen_init: str = 'classifier'          # 'classifier' or 'original' (see init_generator)
+    z_init: str = 'onehot'                # 'onehot', 'zeros' or 'normal'
+
+    def __post_init__(self):
+        for k in ('image_shape', 'conv_filters', 'fc', 'gen_hidden'):
+            setattr(self, k, tuple(int(v) for v in getattr(self, k)))
+        if self.gen_output not in ('tanh', 'linear'):
+            raise ValueError(f"gen_output must be 'tanh' or 'linear', got {self.gen_output!r}")
+        if self.gen_init not in ('classifier', 'original'):
+            raise ValueError(f"gen_init must be 'classifier' or 'original', got {self.gen_init!r}")
+        if self.z_init not in ('onehot', 'zeros', 'normal'):
+            raise ValueError(f"z_init must be 'onehot', 'zeros' or 'normal', got {self.z_init!r}")
+        if self.z_init == 'onehot' and self.n_tasks > self.z_dim:
+            raise ValueError(f"one-hot z needs z_dim >= n_tasks ({self.z_dim} < {self.n_tasks})")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def classifier_shapes(cfg):
+    """[(name, shape)] of every classifier tensor, in the generator's output order."""
+    H, W, C = cfg.image_shape
+    shapes, c = [], C
+    for i, f in enumerate(cfg.conv_filters, 1):
+        shapes += [(f'conv{i}.w', (cfg.kernel, cfg.kernel, c, f)), (f'conv{i}.b', (f,))]
+        H = L.conv_output_size(H, cfg.kernel, cfg.stride, cfg.padding)[0]
+        W = L.conv_output_size(W, cfg.kernel, cfg.stride, cfg.padding)[0]
+        c = f
+    d = H * W * c
+    for j, f in enumerate(cfg.fc, 1):
+        shapes += [(f'fc{j}.w', (d, f)), (f'fc{j}.b', (f,))]
+        d = f
+    shapes += [('out.w', (d, 1)), ('out.b', (1,))]
+    return shapes
+
+
+def classifier_layout(cfg):
+    """{name: (offset, size, shape)} of each tensor inside a generator output row, and P."""
+    layout, off = {}, 0
+    for name, shape in classifier_shapes(cfg):
+        n = int(np.prod(shape))
+        layout[name] = (off, n, shape)
+        off += n
+    return layout, off
+
+
+def _gen_dims(cfg):
+    return [cfg.z_dim, *cfg.gen_hidden]
+
+
+def count_params(cfg):
+    """Parameter counts, computed from the shapes: classifier, generator, z."""
+    _, P = classifier_layout(cfg)
+    dims = _gen_dims(cfg)
+    hidden = sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+    gen = hidden + dims[-1] * P + P
+    return {'classifier': P, 'generator': gen, 'z_per_task': cfg.z_dim,
+            'z_total': cfg.z_dim * cfg.n_tasks}
+
+
+# =========================================================================== init
+
+def _glorot_limit(name, shape):
+    """Glorot-uniform limit of a classifier tensor (as TF: conv fans include the kernel area)."""
+    if len(shape) == 4:
+        kh, kw, ci, co = shape
+        return np.sqrt(6.0 / (kh * kw * ci + kh * kw * co))
+    if len(shape) == 2:
+        return np.sqrt(6.0 / (shape[0] + shape[1]))
+    return 0.0                                           # biases start at zero
+
+
+def init_classifier(cfg, rng, dtype=np.float32):
+    """Directly trainable classifier weights (the whole-network baseline):
+    Glorot-uniform weights, zero biases, as TF's defaults."""
+    return {name: rng.uniform(-1, 1, size=shape).astype(dtype) * dtype(_glorot_limit(name, shape))
+            for name, shape in classifier_shapes(cfg)}
+
+
+def init_z(cfg, rng, n_tasks=None, dtype=np.float32, kind=None, first_index=0):
+    """Task vectors (n_tasks, z_dim): one-hot e_(first_index + t), zeros or N(0, 1/z_dim)."""
+    n = cfg.n_tasks if n_tasks is None else n_tasks
+    kind = cfg.z_init if kind is None else kind
+    if kind == 'onehot':
+        if first_index + n > cfg.z_dim:
+            raise ValueError(f"one-hot z: indices {first_index}..{first_index + n - 1} exceed z_dim {cfg.z_dim}")
+        z = np.zeros((n, cfg.z_dim))
+        z[np.arange(n), first_index + np.arange(n)] = 1.0
+    elif kind == 'zeros':
+        z = np.zeros((n, cfg.z_dim))
+    elif kind == 'normal':
+        z = rng.normal(0, 1 / np.sqrt(cfg.z_dim), size=(n, cfg.z_dim))
+    else:
+        raise ValueError(f"unknown z init {kind!r}")
+    return z.astype(dtype)
+
+
+def init_generator(cfg, rng, dtype=np.float32):
+    """Generator parameters (host numpy).
+
+    gen_init='classifier' (default): each head's columns of W are drawn so that, for a
+    one-hot z, the generated tensor has exactly the Glorot-uniform distribution the
+    classifier would get if it were trained directly (and the biases start at 0). Every
+    task then starts from a properly scaled, independent random classifier, the same
+    starting point as the whole-network baseline.
+    gen_init='original': the original code's TF defaults, Glorot-uniform over each dense
+    head's own (z_dim, size) matrix (limit sqrt(6/(z_dim+size)), e.g. 0.068 for conv1.w,
+    0.024 for fc2.w) with zero biases. This gives far too small fc weights (0.03 where
+    Glorot for fc1 is 0.29), which is one reason the original trained slowly.
+    Hidden layers (if any) are He-uniform; the output layer is then rescaled so the
+    generated tensors still have the target scale for the initial one-hot z.
+    """
+    layout, P = classifier_layout(cfg)
+    dims = _gen_dims(cfg)
+    params = {}
+    h = np.eye(cfg.z_dim)[:max(1, min(cfg.n_tasks, cfg.z_dim))]    # typical inputs: one-hot z
+    for l, (a, b) in enumerate(zip(dims[:-1], dims[1:]), 1):
+        lim = np.sqrt(6.0 / a)
+        params[f'gen.h{l}.w'] = rng.uniform(-lim, lim, size=(a, b))
+        params[f'gen.h{l}.b'] = np.zeros(b)
+        pre = h @ params[f'gen.h{l}.w']
+        h = np.maximum(pre, cfg.alpha * pre)
+    d = dims[-1]
+    W = np.empty((d, P))
+    rms_h = np.sqrt(np.mean(h * h) * d) if cfg.gen_hidden else 1.0   # |h| for one-hot z is 1
+    for name, (off, n, shape) in layout.items():
+        if cfg.gen_init == 'original':
+            lim = np.sqrt(6.0 / (cfg.z_dim + n))
+        else:
+            lim = _glorot_limit(name, shape)
+            if lim == 0.0:
+                lim = 1e-3            # bias heads: tiny, so dz also sees the bias path
+        W[:, off:off + n] = rng.uniform(-lim, lim, size=(d, n)) / rms_h
+    params['gen.out.w'] = W
+    params['gen.out.b'] = np.zeros(P)
+    return {k: v.astype(dtype) for k, v in params.items()}
+
+
+def init_params(cfg, seed=0, xp=np, dtype=np.float32):
+    """Generator + z, created on the device of `xp` (the one place the device is chosen)."""
+    rng = np.random.default_rng(seed)
+    params = init_generator(cfg, rng, dtype)
+    params['z'] = init_z(cfg, rng, dtype=dtype)
+    return {k: to_device(v, xp) for k, v in params.items()}
+
+
+def generator_keys(params):
+    return [k for k in params if k.startswith('gen.')]
+
+
+# =========================================================================== generator
+
+def generator_forward(Z, params, cfg):
+    """Z (G, z_dim) -> theta (G, P): every classifier tensor for each of the G task vectors."""
+    caches = []
+    h = Z
+    for l in range(1, len(cfg.gen_hidden) + 1):
+        pre, c_d = L.dense_forward(h, params[f'gen.h{l}.w'], params[f'gen.h{l}.b'])
+        h, c_a = L.leaky_relu_forward(pre, cfg.alpha)
+        caches.append((c_d, c_a))
+    theta, c_out = L.dense_forward(h, params['gen.out.w'], params['gen.out.b'])
+    c_tanh = None
+    if cfg.gen_output == 'tanh':
+        theta, c_tanh = L.tanh_forward(theta)
+    return theta, (caches, c_out, c_tanh)
+
+
+def generator_backward(dtheta, cache, need_param_grads=True):
+    """dtheta (G, P) -> (dZ (G, z_dim), {generator key: grad}).
+
+    need_param_grads=False (z-only training, generator frozen) skips dW and db, the
+    generator's largest products, and returns only dZ.
+    """
+    caches, (h, W), c_tanh = cache
+    dpre = L.tanh_backward(dtheta, c_tanh) if c_tanh is not None else dtheta
+    grads = {}
+    if need_param_grads:
+        grads['gen.out.w'] = h.T @ dpre                 # (dim_L, G) @ (G, P)
+        grads['gen.out.b'] = dpre.sum(axis=0)
+    dh = dpre @ W.T                                    # (G, P) @ (P, dim_L)
+    for l in range(len(caches), 0, -1):
+        c_d, c_a = caches[l - 1]
+        dpre_l = L.leaky_relu_backward(dh, c_a)
+        dh, dw, db = L.dense_backward(dpre_l, c_d)
+        if need_param_grads:
+            grads[f'gen.h{l}.w'], grads[f'gen.h{l}.b'] = dw, db
+    return dh, grads
+
+
+def split_theta(theta, cfg):
+    """theta (G, P) -> {name: (G, *shape)} views, one generated tensor per classifier tensor."""
+    layout, P = classifier_layout(cfg)
+    if theta.shape[-1] != P:
+        raise ValueError(f"generator output has {theta.shape[-1]} values, the classifier needs {P}")
+    G = theta.shape[0]
+    return {name: theta[:, off:off + n].reshape((G,) + shape) for name, (off, n, shape) in layout.items()}
+
+
+def merge_theta(dweights, cfg, xp, dtype):
+    """{name: (G, *shape)} -> (G, P), the inverse of split_theta (for the gradients)."""
+    layout, P = classifier_layout(cfg)
+    G = next(iter(dweights.values())).shape[0]
+    out = xp.empty((G, P), dtype=dtype)
+    for name, (off, n, _) in layout.items():
+        out[:, off:off + n] = dweights[name].reshape(G, n)
+    return out
+
+
+# =========================================================================== classifier
+
+def classifier_forward(x, weights, cfg):
+    """x (G, m, H, W, C), weights {name: (G, *shape)} -> logits (G, m), cache.
+
+    conv 5x5/2 SAME + leaky ReLU (x4), flatten, fc (+ leaky ReLU if fc_activation), out.
+    """
+    if x.ndim != 5 or tuple(x.shape[2:]) != tuple(cfg.image_shape):
+        raise ValueError(f"classifier: input {tuple(x.shape)} should be (G, m, {', '.join(map(str, cfg.image_shape))})")
+    caches = []
+    h = x
+    for i in range(1, len(cfg.conv_filters) + 1):
+        h, c_conv = L.conv_forward(h, weights[f'conv{i}.w'], weights[f'conv{i}.b'], cfg.stride, cfg.padding)
+        h, c_act = L.leaky_relu_forward(h, cfg.alpha)
+        caches.append((c_conv, c_act))
+    h, c_flat = L.flatten_forward(h, keep=2)
+    fc_caches = []
+    for j in range(1, len(cfg.fc) + 1):
+        h, c_fc = L.dense_forward(h, weights[f'fc{j}.w'], weights[f'fc{j}.b'])
+        c_act = None
+        if cfg.fc_activation:
+            h, c_act = L.leaky_relu_forward(h, cfg.alpha)
+        fc_caches.append((c_fc, c_act))
+    out, c_out = L.dense_forward(h, weights['out.w'], weights['out.b'])
+    return out[..., 0], (caches, c_flat, fc_caches, c_out)
+
+
+def classifier_backward(dlogits, cache, need_dx=False):
+    """dlogits (G, m) -> {name: (G, *shape)} gradients of every classifier tensor
+    (and dx (G, m, H, W, C) under key 'x' when need_dx)."""
+    caches, c_flat, fc_caches, c_out = cache
+    g = {}
+    dh, g['out.w'], g['out.b'] = L.dense_backward(dlogits[..., None], c_out)
+    for j in range(len(fc_caches), 0, -1):
+        c_fc, c_act = fc_caches[j - 1]
+        if c_act is not None:
+            dh = L.leaky_relu_backward(dh, c_act)
+        dh, g[f'fc{j}.w'], g[f'fc{j}.b'] = L.dense_backward(dh, c_fc)
+    dh = L.flatten_backward(dh, c_flat)
+    for i in range(len(caches), 0, -1):
+        c_conv, c_act = caches[i - 1]
+        dh = L.leaky_relu_backward(dh, c_act)
+        dh, g[f'conv{i}.w'], g[f'conv{i}.b'] = L.conv_backward(dh, c_conv, need_dx=(i > 1 or need_dx))
+    if need_dx:
+        g['x'] = dh
+    return g
+
+
+# =========================================================================== SuperNet
+
+def group_batch(x, y, task):
+    """A flat batch (x (N,H,W,C), y (N,), task (N,) ints on the host) -> grouped
+    (x (G, m, H, W, C), y (G, m), tasks (G,)), samples sorted by task.
+    Mixed-task batches need the same number of samples per task."""
+    task = np.asarray(to_host(task)).astype(np.int64)
+    if task.ndim != 1 or len(task) != x.shape[0] or y.shape != (x.shape[0],):
+        raise ValueError(f"batch: x {tuple(x.shape)}, y {tuple(y.shape)}, task {task.shape} do not match")
+    tasks, counts = np.unique(task, return_counts=True)
+    if np.any(counts != counts[0]):
+        raise ValueError(f"mixed-task batch needs equal samples per task, got counts {counts.tolist()}")
+    G, m = len(tasks), int(counts[0])
+    if np.all(task.reshape(G, m) == tasks[:, None]):       # already grouped: no copy
+        return x.reshape((G, m) + x.shape[1:]), y.reshape(G, m), tasks
+    order = np.argsort(task, kind='stable')
+    idx = to_device(order, get_xp(x))
+    return x[idx].reshape((G, m) + x.shape[1:]), y[idx].reshape(G, m), tasks
+
+
+def forward_from_z(params, Z, x, cfg):
+    """Logits of x (G, m, H, W, C) under the classifiers generated from Z (G, z_dim)."""
+    theta, _ = generator_forward(Z, params, cfg)
+    logits, _ = classifier_forward(x, split_theta(theta, cfg), cfg)
+    return logits
+
+
+def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None):
+    """One step's loss and every gradient, by hand.
+
+    params: {'gen.*': ..., 'z': (n_tasks, z_dim)}
+    x:      (G, m, H, W, C) images, group g from task tasks[g]
+    y:      (G, m) 0/1 labels
+    tasks:  (G,) distinct task ids (host ints), rows of params['z']
+    need_gen_grads: False in z-only mode (skips the generator's weight gradients)
+    Z:      optional (G, z_dim) task vectors to use instead of params['z'][tasks]
+            (then no 'z' gradient is returned; 'Z' is, for the caller)
+    returns loss (0-d array), grads {key: array}, logits (G, m)
+    """
+    xp = get_xp(x, params['gen.out.w'])
+    tasks = np.asarray(tasks, dtype=np.int64).reshape(-1)
+    if x.ndim != 5 or x.shape[0] != len(tasks) or y.shape != x.shape[:2]:
+        raise ValueError(f"loss_and_grads: x {tuple(x.shape)}, y {tuple(y.shape)} and {len(tasks)} tasks "
+                         "do not match: expected x (G, m, H, W, C), y (G, m), tasks (G,)")
+    if len(np.unique(tasks)) != len(tasks):
+        raise ValueError("loss_and_grads: tasks must be distinct (group the batch with group_batch)")
+    use_table = Z is None
+    if use_table:
+        Z = params['z'][to_device(tasks, xp)]                     # (G, z_dim)
+    theta, g_cache = generator_forward(Z, params, cfg)           # (G, P)
+    weights = split_theta(theta, cfg)
+    logits, c_cache = classifier_forward(x, weights, cfg)
+    loss, dlogits = sigmoid_cross_entropy(logits, y)
+    dweights = classifier_backward(dlogits, c_cache)
+    dtheta = merge_theta(dweights, cfg, xp, theta.dtype)
+    dZ, grads = generator_backward(dtheta, g_cache, need_param_grads=need_gen_grads)
+    if use_table:
+        dz = xp.zeros_like(params['z'])
+        dz[to_device(tasks, xp)] = dZ                             # tasks are distinct
+        grads['z'] = dz
+    else:
+        grads['Z'] = dZ
+    return loss, grads, logits
+
+
+# =========================================================================== baseline
+
+def baseline_loss_and_grads(weights, x, y, cfg):
+    """The whole-network baseline: the same classifier, its weights trained directly.
+    weights {name: shape}, x (m, H, W, C), y (m,) -> loss, {name: grad}, logits (m,)."""
+    wg = {k: v[None] for k, v in weights.items()}
+    logits, cache = classifier_forward(x[None], wg, cfg)
+    loss, dlogits = sigmoid_cross_entropy(logits, y[None])
+    g = classifier_backward(dlogits, cache)
+    return loss, {k: v[0] for k, v in g.items()}, logits[0]
+
+
+def baseline_logits(weights, x, cfg):
+    return classifier_forward(x[None], {k: v[None] for k, v in weights.items()}, cfg)[0][0]
+
+
+# =========================================================================== checkpoints
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(path, params, cfg, optimizer=None, extra=None):
+    """Params, optimizer state, config and `extra` (a JSON-able dict, e.g. step and RNG
+    state) in one .npz, written atomically (temporary file in the same folder, then rename)."""
+    arrays = {f'param/{k}': to_host(v) for k, v in params.items()}
+    if optimizer is not None:
+        arrays.update({f'opt/{k}': to_host(v) for k, v in optimizer.state_arrays().items()})
+        meta_opt = {'rule': optimizer.rule, 'hyper': optimizer.hyper}
+    else:
+        meta_opt = None
+    meta = {'config': cfg.to_dict(), 'optimizer': meta_opt, 'extra': extra or {}}
+    arrays['meta'] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.ckpt-', suffix='.npz', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, cfg=None, params_like=None, xp=np):
+    """Read a checkpoint -> (params, opt_state, meta). With `cfg` and/or `params_like`
+    given, a checkpoint of a different model fails with a message naming what differs."""
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(data.pop('meta')).decode())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e}); "
+                              "delete it to start afresh") from e
+    if cfg is not None:
+        saved = Config.from_dict(meta['config']).to_dict()
+        diffs = [f"{k}: checkpoint {saved[k]!r} vs model {v!r}" for k, v in cfg.to_dict().items()
+                 if saved.get(k) != v]
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was made for a different model: " + '; '.join(diffs))
+    params = {k[6:]: v for k, v in data.items() if k.startswith('param/')}
+    if params_like is not None:
+        diffs = []
+        for k in sorted(set(params) | set(params_like)):
+            if k not in params:
+                diffs.append(f"{k}: missing in checkpoint")
+            elif k not in params_like:
+                diffs.append(f"{k}: not in model")
+            elif tuple(params[k].shape) != tuple(params_like[k].shape):
+                diffs.append(f"{k}: checkpoint shape {tuple(params[k].shape)} vs model {tuple(params_like[k].shape)}")
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} does not match the model: " + '; '.join(diffs))
+    params = {k: to_device(v, xp) for k, v in params.items()}
+    opt_state = {k[4:]: v for k, v in data.items() if k.startswith('opt/')}
+    return params, opt_state, meta

@@ -1,0 +1,260 @@
+"""The whole SuperNet backward against finite differences (float64), parameter counts,
+training, z-only mode, the baseline, checkpoints and seeds."""
+import numpy as np
+import pytest
+
+import supernet as S
+from nn.gradcheck import check_gradient, rel_error
+from nn.optim import Optimizer
+
+TOL = 1e-6
+
+SMALL = dict(image_shape=(8, 8, 3), conv_filters=(3, 4), kernel=3, stride=2, fc=(5,), z_dim=6, n_tasks=4)
+
+
+def _random_params(cfg, seed, scale=1.0):
+    """Non-trivial float64 parameters: random z (not one-hot), random generator biases,
+    and weights scaled so the tanh is neither saturated nor linear."""
+    r = np.random.default_rng(seed)
+    p = S.init_params(cfg, seed=seed, dtype=np.float64)
+    p['z'] = r.normal(size=p['z'].shape)
+    for k in S.generator_keys(p):
+        if k.endswith('.b'):
+            p[k] = r.normal(0, 0.1, size=p[k].shape)
+        else:
+            p[k] = p[k] * scale
+    return p
+
+
+def _batch(cfg, G, m, seed):
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(G, m) + cfg.image_shape)
+    y = (r.random((G, m)) > 0.5).astype(np.float64)
+    return x, y
+
+
+def _check_all(cfg, tasks, m=3, n_samples=None, seed=0):
+    p = _random_params(cfg, seed, scale=3.0 if cfg.gen_hidden else 2.0)
+    x, y = _batch(cfg, len(tasks), m, seed + 1)
+    loss, grads, _ = S.loss_and_grads(p, x, y, tasks, cfg)
+    assert set(grads) == set(p)
+    f = lambda: S.loss_and_grads(p, x, y, tasks, cfg)[0]
+    errs = {}
+    for k in p:
+        errs[k] = check_gradient(f, p[k], grads[k], n_samples=n_samples, seed=seed)
+    # rows of z of tasks not in the batch get exactly zero gradient
+    unused = [t for t in range(cfg.n_tasks) if t not in tasks]
+    assert np.all(grads['z'][unused] == 0)
+    return errs
+
+
+@pytest.mark.parametrize('gen_output', ['tanh', 'linear'])
+@pytest.mark.parametrize('gen_hidden', [(), (7,), (7, 5)])
+@pytest.mark.parametrize('fc_activation', [False, True])
+def test_supernet_gradcheck_small(gen_output, gen_hidden, fc_activation):
+    cfg = S.Config(**SMALL, gen_output=gen_output, gen_hidden=gen_hidden, fc_activation=fc_activation)
+    errs = _check_all(cfg, tasks=[2], n_samples=150)
+    assert max(errs.values()) < TOL, errs
+
+
+def test_supernet_gradcheck_mixed_tasks():
+    cfg = S.Config(**SMALL, gen_hidden=(7,))
+    errs = _check_all(cfg, tasks=[3, 0, 1], n_samples=200)
+    assert max(errs.values()) < TOL, errs
+
+
+def test_supernet_gradcheck_original_config():
+    """The original: 37,165 generated weights; a few hundred sampled coordinates."""
+    cfg = S.Config(n_tasks=5)
+    errs = _check_all(cfg, tasks=[1, 4], m=2, n_samples=120)
+    assert max(errs.values()) < TOL, errs
+
+
+def test_mixed_step_equals_sum_of_single_task_steps():
+    cfg = S.Config(**SMALL)
+    p = _random_params(cfg, 3)
+    x, y = _batch(cfg, 3, 4, 4)
+    loss, g, logits = S.loss_and_grads(p, x, y, [0, 2, 3], cfg)
+    acc = {k: np.zeros_like(v) for k, v in p.items()}
+    total = 0.0
+    for i, t in enumerate([0, 2, 3]):
+        l1, g1, lg1 = S.loss_and_grads(p, x[i:i + 1], y[i:i + 1], [t], cfg)
+        assert rel_error(lg1[0], logits[i]) < 1e-13
+        total += float(l1) / 3
+        for k in acc:
+            acc[k] += g1[k] / 3
+    assert abs(total - float(loss)) < 1e-13
+    for k in acc:
+        assert rel_error(acc[k], g[k]) < 1e-12, k
+
+
+def test_group_batch_sorts_and_checks():
+    cfg = S.Config(**SMALL)
+    r = np.random.default_rng(5)
+    x = r.normal(size=(6,) + cfg.image_shape)
+    y = np.arange(6, dtype=np.float64)
+    task = np.array([2, 0, 2, 1, 0, 1])
+    xg, yg, tasks = S.group_batch(x, y, task)
+    assert tasks.tolist() == [0, 1, 2] and xg.shape == (3, 2) + cfg.image_shape
+    assert yg.tolist() == [[1, 4], [3, 5], [0, 2]]
+    assert np.array_equal(xg[2, 1], x[2])
+    with pytest.raises(ValueError, match='equal samples per task'):
+        S.group_batch(x, y, np.array([0, 0, 0, 1, 1, 2]))
+
+
+def test_parameter_counts_of_the_original():
+    cfg = S.Config()
+    c = S.count_params(cfg)
+    assert c['classifier'] == 37165
+    assert c['generator'] == 37165 * 101 == 3753665
+    assert c['z_per_task'] == 100
+    p = S.init_params(S.Config(n_tasks=3), seed=0)
+    assert sum(v.size for k, v in p.items() if k != 'z') == c['generator']
+    assert sum(int(np.prod(s)) for _, s in S.classifier_shapes(cfg)) == 37165
+    h = S.count_params(S.Config(gen_hidden=(64,)))
+    assert h['generator'] == 100 * 64 + 64 + 64 * 37165 + 37165
+
+
+def test_generated_weights_have_the_glorot_scale_and_original_init():
+    cfg = S.Config(n_tasks=3)
+    p = S.init_params(cfg, seed=0)
+    w = S.split_theta(S.generator_forward(p['z'], p, cfg)[0], cfg)
+    # one-hot z: conv2.w ~ U(+-sqrt(6/(400+400))) through tanh (nearly linear there)
+    lim = np.sqrt(6 / 800)
+    assert abs(float(np.abs(w['conv2.w']).max()) - lim) < 0.01
+    assert abs(float(w['conv2.w'].std()) - lim / np.sqrt(3)) < 0.005
+    orig = S.init_generator(S.Config(gen_init='original'), np.random.default_rng(0))
+    layout, _ = S.classifier_layout(cfg)
+    off, n, _ = layout['conv1.w']
+    assert abs(np.abs(orig['gen.out.w'][:, off:off + n]).max() - np.sqrt(6 / 1300)) < 1e-3   # 0.068
+    off, n, _ = layout['fc2.w']
+    assert abs(np.abs(orig['gen.out.w'][:, off:off + n]).max() - np.sqrt(6 / 10100)) < 1e-3  # 0.024
+    assert np.all(orig['gen.out.b'] == 0)
+
+
+def test_baseline_gradcheck():
+    cfg = S.Config(**SMALL)
+    r = np.random.default_rng(6)
+    w = S.init_classifier(cfg, r, dtype=np.float64)
+    w = {k: v + r.normal(0, 0.1, size=v.shape) for k, v in w.items()}
+    x = r.normal(size=(5,) + cfg.image_shape)
+    y = (r.random(5) > 0.5).astype(np.float64)
+    loss, g, _ = S.baseline_loss_and_grads(w, x, y, cfg)
+    f = lambda: S.baseline_loss_and_grads(w, x, y, cfg)[0]
+    for k in w:
+        assert check_gradient(f, w[k], g[k]) < TOL, k
+
+
+def _toy_tasks(cfg, n_tasks, m, seed):
+    """Learnable toy tasks: label 1 brightens channel a and darkens channel b, label 0 the
+    reverse, under unit noise (each task its own channel pair; task 3 is a new draw of
+    task 1's rule, the kind of 'similar task' z-only adaptation is for)."""
+    r = np.random.default_rng(seed)
+    pairs = [(0, 1), (1, 0), (0, 2), (1, 0)][:n_tasks]
+    x = r.normal(size=(n_tasks, m) + cfg.image_shape).astype(np.float32)
+    y = (r.random((n_tasks, m)) > 0.5).astype(np.float32)
+    for t, (a, b) in enumerate(pairs):
+        s = 0.5 * (2 * y[t] - 1)[:, None, None]
+        x[t, ..., a] += s
+        x[t, ..., b] -= s
+    return x, y
+
+
+def _train(p, cfg, x, y, tasks, steps, keys=None, lr=3e-3, need_gen=True):
+    opt = Optimizer('adam', learning_rate=lr)
+    losses = []
+    for _ in range(steps):
+        loss, g, _ = S.loss_and_grads(p, x, y, tasks, cfg, need_gen_grads=need_gen)
+        opt.step(p, g, keys=keys)
+        losses.append(float(loss))
+    return losses
+
+
+def test_supernet_learns_tiny_tasks_and_z_only_adapts_with_frozen_generator():
+    cfg = S.Config(**dict(SMALL, conv_filters=(8, 8), fc=(16,), n_tasks=4), gen_hidden=())
+    p = S.init_params(cfg, seed=0)
+    x, y = _toy_tasks(cfg, 4, 32, seed=1)
+    losses = _train(p, cfg, x[:3], y[:3], [0, 1, 2], steps=300)
+    _, _, logits = S.loss_and_grads(p, x[:3], y[:3], [0, 1, 2], cfg)
+    acc = float(((logits > 0) == (y[:3] > 0.5)).mean())
+    assert acc > 0.9, (acc, losses[-1])
+    # z-only on the held-out task 3: only 'z' may change, the generator bit for bit the same
+    frozen = {k: v.copy() for k, v in p.items() if k != 'z'}
+    z_before = p['z'].copy()
+    l0 = float(S.loss_and_grads(p, x[3:], y[3:], [3], cfg)[0])
+    zl = _train(p, cfg, x[3:], y[3:], [3], steps=150, keys=['z'], lr=3e-2, need_gen=False)
+    assert zl[-1] < 0.5 * l0, (l0, zl[-1])
+    for k, v in frozen.items():
+        assert np.array_equal(p[k], v), f'{k} changed during z-only training'
+    assert not np.array_equal(p['z'][3], z_before[3])
+    assert np.array_equal(p['z'][:3], z_before[:3])
+
+
+def test_z_only_gradients_match_full_gradients():
+    cfg = S.Config(**SMALL, gen_hidden=(7,))
+    p = _random_params(cfg, 7)
+    x, y = _batch(cfg, 2, 3, 8)
+    _, g_full, _ = S.loss_and_grads(p, x, y, [0, 1], cfg)
+    _, g_z, _ = S.loss_and_grads(p, x, y, [0, 1], cfg, need_gen_grads=False)
+    assert set(g_z) == {'z'}
+    assert np.array_equal(g_full['z'], g_z['z'])
+
+
+def test_seed_gives_bit_identical_runs():
+    cfg = S.Config(**SMALL)
+    x, y = _toy_tasks(cfg, 2, 8, seed=2)
+    runs = []
+    for _ in range(2):
+        p = S.init_params(cfg, seed=11)
+        _train(p, cfg, x, y, [0, 1], steps=5)
+        runs.append(p)
+    for k in runs[0]:
+        assert np.array_equal(runs[0][k], runs[1][k])
+    p3 = S.init_params(cfg, seed=12)
+    assert not np.array_equal(p3['gen.out.w'], runs[0]['gen.out.w'])
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    cfg = S.Config(**SMALL)
+    p = S.init_params(cfg, seed=0)
+    x, y = _toy_tasks(cfg, 2, 4, seed=3)
+    opt = Optimizer('rmsprop', learning_rate=1e-3)
+    _, g, _ = S.loss_and_grads(p, x, y, [0, 1], cfg)
+    opt.step(p, g)
+    path = tmp_path / 'ck.npz'
+    S.save_checkpoint(path, p, cfg, opt, extra={'step': 1})
+    assert [f.name for f in tmp_path.iterdir()] == ['ck.npz']      # no temporary left behind
+    p2, st, meta = S.load_checkpoint(path, cfg=cfg, params_like=p)
+    assert meta['extra']['step'] == 1 and meta['optimizer']['rule'] == 'rmsprop'
+    for k in p:
+        assert np.array_equal(p[k], p2[k])
+    opt2 = Optimizer('rmsprop', learning_rate=1e-3)
+    opt2.load_state_arrays(st)
+    for k, v in opt.state_arrays().items():
+        assert np.array_equal(v, opt2.state_arrays()[k])
+    with pytest.raises(S.CheckpointError, match=r'z_dim: checkpoint 6 vs model 8'):
+        S.load_checkpoint(path, cfg=S.Config(**dict(SMALL, z_dim=8)))
+    other = S.init_params(S.Config(**dict(SMALL, fc=(9,))), seed=0)
+    with pytest.raises(S.CheckpointError, match=r'gen.out.w: checkpoint shape'):
+        S.load_checkpoint(path, params_like=other)
+    (tmp_path / 'bad.npz').write_bytes(b'not a checkpoint')
+    with pytest.raises(S.CheckpointError, match='corrupt'):
+        S.load_checkpoint(tmp_path / 'bad.npz')
+    with pytest.raises(S.CheckpointError, match='does not exist'):
+        S.load_checkpoint(tmp_path / 'none.npz')
+
+
+def test_bad_inputs_are_rejected():
+    cfg = S.Config(**SMALL)
+    p = S.init_params(cfg, seed=0)
+    x, y = _toy_tasks(cfg, 2, 4, seed=3)
+    with pytest.raises(ValueError, match='do not match'):
+        S.loss_and_grads(p, x, y[:1], [0, 1], cfg)
+    with pytest.raises(ValueError, match='distinct'):
+        S.loss_and_grads(p, x, y, [1, 1], cfg)
+    with pytest.raises(ValueError, match='should be'):
+        S.loss_and_grads(p, x[..., :2], y, [0, 1], cfg)
+    with pytest.raises(ValueError, match='one-hot z needs'):
+        S.Config(z_dim=10, n_tasks=20)
+    with pytest.raises(ValueError, match='gen_output'):
+        S.Config(gen_output='relu')
