@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Experiment 1: can a new task be solved by learning only its task vector z?
+
+Tasks T_i = class i (label 0) vs class 99 (label 1), i = 0..98.
+Phase 1: train the generator and one z per task (z starts one-hot) on every task
+         except the held-out ones (default: T_98), tasks drawn at random each step.
+Phase 2: for each held-out task, on its training images, starting from the same point:
+    z_only        generator FROZEN (bit for bit), only a fresh z is learned (z_dim parameters)
+    whole_network the classifier alone, its 37,165 weights trained from scratch
+    finetune      the whole generator + a fresh z, starting from phase 1
+    controls      no training on the task: z = 0, and z = the mean of the learned z vectors
+Everything is evaluated on the held-out task's TEST images (CIFAR-100 test split).
+
+Results in --out: summary.json, results.md (tables), phase1_curve.csv,
+adapt_curves.csv, adapt_T<i>.png (with matplotlib), log.txt, phase1.npz.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+import data as D
+import supernet as S
+import train as T
+from nn.backend import get_device_module
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    T.add_common_args(p, default_out='runs/exp1')
+    g = p.add_argument_group('experiment 1')
+    g.add_argument('--holdout', default='98', help="held-out task(s), e.g. '98' (default) or '94-98'")
+    T.add_adapt_args(g)
+    g.add_argument('--eval-tasks', type=int, default=10,
+                   help='training tasks evaluated during phase 1 (all of them at the end; default 10)')
+    return p
+
+
+QUICK = dict(synthetic_train=60, synthetic_test=20, steps=600, adapt_steps=150, holdout='97-98')
+
+
+def apply_quick(args, argv):
+    if not args.quick:
+        return
+    for k, v in QUICK.items():
+        if f"--{k.replace('_', '-')}" not in ' '.join(argv):
+            setattr(args, k, v)
+
+
+def write_results(run, args, counts, phase1_summary, adapt_results, wall):
+    methods = ['control_z0', 'control_zmean', 'control_znew', 'z_only', 'whole_network', 'finetune']
+    labels = {'control_z0': 'control: z = 0 (no training)',
+              'control_zmean': 'control: z = mean of learned z (no training)',
+              'control_znew': f'control: initial new z ({args.new_z}, no training)',
+              'z_only': 'z only, generator frozen', 'whole_network': 'whole network from scratch',
+              'finetune': 'fine-tune generator + z'}
+    lines = [f"# Experiment 1 ({'synthetic data' if args.data == 'synthetic' else 'CIFAR-100'}, seed {args.seed})", '',
+             f"Phase 1: {phase1_summary['steps']} steps x batch {args.batch} x {args.tasks_per_step} task(s), "
+             f"{len(phase1_summary['per_task'])} tasks: train acc {phase1_summary['train_acc_mean']:.3f}, "
+             f"test acc {phase1_summary['test_acc_mean']:.3f} (wall {phase1_summary['wall_s']:.0f} s).", '',
+             f"Phase 2: {args.adapt_steps} steps per method, held-out task(s) {args.holdout}; test accuracy (test loss):", '',
+             '| method | trainable params | ' + ' | '.join(f'T{h}' for h in adapt_results) + ' | mean |',
+             '|---|---|' + '---|' * (len(adapt_results) + 1)]
+    table = {}
+    for m in methods:
+        vals = [adapt_results[h].get(m) for h in adapt_results]
+        if any(v is None for v in vals):
+            continue
+        accs = [v['test_acc'] for v in vals]
+        table[m] = {'test_acc': accs, 'test_loss': [v['test_loss'] for v in vals],
+                    'mean_acc': float(np.mean(accs)), 'trainable': vals[0]['trainable']}
+        cells = ' | '.join(f"{v['test_acc']:.3f} ({v['test_loss']:.3f})" for v in vals)
+        lines.append(f"| {labels[m]} | {vals[0]['trainable']:,} | {cells} | {np.mean(accs):.3f} |")
+    lines += ['', f"Total wall time {wall:.0f} s."]
+    with open(os.path.join(run.path, 'results.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    run.write_csv('phase1_curve.csv', phase1_summary['curve'])
+    rows = []
+    for h, res in adapt_results.items():
+        for m, r in res.items():
+            for row in r.get('curve', []):
+                rows.append({'task': h, 'method': m, **row})
+    run.write_csv('adapt_curves.csv', rows)
+    plotted = T.plot_curves(os.path.join(run.path, 'phase1.png'), 'Experiment 1, phase 1 (test acc, watched tasks)',
+                            {'phase 1': phase1_summary['curve']})
+    for h, res in adapt_results.items():
+        T.plot_curves(os.path.join(run.path, f'adapt_T{h}.png'), f'Experiment 1, held-out T{h}: test accuracy',
+                      {labels[m]: r['curve'] for m, r in res.items() if 'curve' in r})
+    summary = {'experiment': 1, 'config': vars(args), 'param_counts': counts,
+               'phase1': {k: v for k, v in phase1_summary.items() if k != 'curve'},
+               'adapt': {str(h): {m: {k: v for k, v in r.items() if k != 'curve'} for m, r in res.items()}
+                         for h, res in adapt_results.items()},
+               'table': table, 'wall_s': wall, 'plots': plotted}
+    run.write_json('summary.json', summary)
+    run.log('\n'.join(lines))
+    if not plotted:
+        run.log('(plots skipped: matplotlib is not installed; pip install matplotlib or .[plot])')
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    apply_quick(args, argv)
+
+    def body():
+        t_start = time.perf_counter()
+        xp = get_device_module(args.device)
+        run = T.RunDir(args.out, resume=args.resume, quiet=args.quiet)
+        ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
+                            n_test_per_class=args.synthetic_test, quiet=args.quiet)
+        tasks = D.exp1_tasks()
+        taskset = D.TaskSet(ds, tasks)
+        holdout = D.parse_task_range(args.holdout, len(tasks))
+        train_ids = [t for t in range(len(tasks)) if t not in holdout]
+        cfg = T.model_config(args, n_tasks=len(train_ids))
+        counts = S.count_params(cfg)
+        run.log(f"Experiment 1 on {'synthetic data' if ds.synthetic else 'CIFAR-100'} "
+                f"({len(ds.train_y)} train / {len(ds.test_y)} test images), device {args.device}")
+        run.log(f"parameters: classifier {counts['classifier']:,} (generated), generator "
+                f"{counts['generator']:,}, z {counts['z_per_task']} per task x {cfg.n_tasks} tasks")
+        params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
+        adapt_results = {}
+        for j, h in enumerate(holdout):
+            adapt_results[h] = T.adapt(run, args, cfg, taskset, params, h, j, len(train_ids), xp)
+        write_results(run, args, counts, p1, adapt_results, time.perf_counter() - t_start)
+        return 0
+
+    try:
+        return T.main_guard(body)
+    except (D.DataError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

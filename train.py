@@ -1,0 +1,525 @@
+"""Training loops, evaluation and run bookkeeping shared by run_exp1.py and run_exp2.py.
+
+A run is a sequence of named *stages* (phase 1, then each adaptation). Each stage is
+resumable on its own: it checkpoints every `ckpt_every` steps and on Ctrl-C (params,
+optimizer state, the sampler's RNG state, the curve so far), so `--resume` continues it
+to exactly the result of an uninterrupted run. A finished stage's results are kept in
+`state.json`, so a resumed run skips it. A NaN/inf loss stops the run with a clear
+message and leaves the last good checkpoint in place.
+"""
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import supernet as S
+from nn.backend import get_xp, to_device, to_host
+from nn.loss import sigmoid_cross_entropy
+from nn.optim import Optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+# =========================================================================== output
+
+class RunDir:
+    """The output directory: log, state.json (finished stages), checkpoints, CSVs, plots."""
+
+    def __init__(self, path, resume=False, quiet=False):
+        self.path, self.quiet = path, quiet
+        os.makedirs(path, exist_ok=True)
+        self.state_path = os.path.join(path, 'state.json')
+        self.state = {}
+        if resume and os.path.exists(self.state_path):
+            with open(self.state_path) as f:
+                self.state = json.load(f)
+        elif not resume and os.path.exists(self.state_path):
+            raise SystemExit(f"error: {path} already holds a run (state.json). Use --resume to continue "
+                             "it, or choose another --out.")
+        self.log_file = open(os.path.join(path, 'log.txt'), 'a')
+
+    def log(self, msg):
+        if not self.quiet:
+            print(msg, flush=True)
+        self.log_file.write(msg + '\n')
+        self.log_file.flush()
+
+    def ckpt(self, name):
+        return os.path.join(self.path, 'ckpt', name.replace('/', '_') + '.npz')
+
+    def done(self, stage):
+        return stage in self.state.get('stages', {})
+
+    def finish(self, stage, result):
+        self.state.setdefault('stages', {})[stage] = result
+        self.write_json('state.json', self.state)
+
+    def write_json(self, name, obj):
+        p = os.path.join(self.path, name)
+        tmp = p + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+        os.replace(tmp, p)
+
+    def write_csv(self, name, rows):
+        if not rows:
+            return
+        keys = list(rows[0])
+        for r in rows[1:]:
+            keys += [k for k in r if k not in keys]
+        with open(os.path.join(self.path, name), 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def plot_curves(path, title, curves, key='test_acc', ylabel='test accuracy'):
+    """curves {label: [rows]} -> PNG. Returns False (and plots nothing) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in curves.items():
+        pts = [(r['step'], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker='.')
+    ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# =========================================================================== evaluation
+
+def evaluate(logits_fn, taskset, task, split, xp, batch_size=500):
+    """Mean loss and accuracy of logits_fn(x (m,H,W,C) on device) -> (m,) over a task split."""
+    tot_loss = tot_correct = n = 0.0
+    for x, y in taskset.eval_batches(task, split=split, batch_size=batch_size):
+        xd, yd = to_device(x, xp), to_device(y, xp)
+        logits = logits_fn(xd)
+        loss, _ = sigmoid_cross_entropy(logits, yd)
+        tot_loss += float(loss) * len(y)
+        tot_correct += float(((logits > 0) == (yd > 0.5)).sum())
+        n += len(y)
+    return tot_loss / n, tot_correct / n
+
+
+def supernet_logits_fn(params, cfg, z):
+    """Logits under the classifier generated from one task vector z (z_dim,)."""
+    Z = z.reshape(1, -1)
+    theta, _ = S.generator_forward(Z, params, cfg)
+    weights = S.split_theta(theta, cfg)
+    return lambda x: S.classifier_forward(x[None], weights, cfg)[0][0]
+
+
+def baseline_logits_fn(weights, cfg):
+    wg = {k: v[None] for k, v in weights.items()}
+    return lambda x: S.classifier_forward(x[None], wg, cfg)[0][0]
+
+
+# =========================================================================== training loop
+
+class _SigintFlag:
+    """Turns Ctrl-C into a flag checked between steps, so a checkpoint is never taken
+    in the middle of an update."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        self.old = None
+        try:
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:       # not the main thread
+            pass
+        return self
+
+    def _handler(self, *_):
+        if self.hit:             # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, keys, seed,
+                eval_fn=None, eval_every=0, log_every=100, ckpt_every=1000, batch_images=None,
+                stop_after=None):
+    """Train one stage, resumable.
+
+    step_fn(params, batch) -> (loss, grads, logits, labels): one forward/backward
+    sample_fn(rng) -> batch (already on the device)
+    keys: the trainable parameter keys (the optimizer sees only these)
+    eval_fn(params) -> dict of held-out figures, evaluated at step 0, every eval_every
+                       steps and at the end; rows go into the returned curve
+    stop_after: (tests) simulate an interruption after this many steps
+    returns the curve: [{'step', 'train_loss', 'train_acc', 'images_per_s', ...eval}]
+    """
+    rng = np.random.default_rng([seed, _stable_hash(name)])
+    ckpt = run.ckpt(name)
+    start, curve, resumed_window = 0, [], None
+    xp = get_xp(*params.values())
+    if os.path.exists(ckpt):
+        saved, opt_state, meta = S.load_checkpoint(ckpt, cfg=cfg, params_like=params, xp=xp)
+        for k in params:
+            params[k][...] = saved[k]
+        optimizer.load_state_arrays(opt_state, to_device=lambda a: to_device(a, xp))
+        extra = meta['extra']
+        rng.bit_generator.state = extra['rng']
+        start, curve = extra['step'], extra['curve']
+        resumed_window = extra.get('window')
+        run.log(f"[{name}] resumed at step {start}/{steps}")
+
+    def save(step, window=None):
+        """window: the running sums of the current log interval, when stopping between
+        boundaries (kept exactly, so the resumed curve equals an uninterrupted one)."""
+        extra = {'step': step, 'rng': rng.bit_generator.state, 'curve': curve}
+        if window is not None:
+            extra['window'] = [_exact(window[0]), _exact(window[1])] + list(window[2:])
+        S.save_checkpoint(ckpt, params, cfg, optimizer, extra=extra)
+
+    def record(step, tr_loss, tr_acc, ips):
+        row = {'step': step, 'train_loss': tr_loss, 'train_acc': tr_acc, 'images_per_s': ips}
+        if eval_fn is not None and (step == 0 or step == steps or (eval_every and step % eval_every == 0)):
+            row.update(eval_fn(params))
+        curve.append(row)
+        return row
+
+    if start == 0 and not curve:
+        record(0, None, None, None)
+    t0, t_last, n_img = time.perf_counter(), time.perf_counter(), 0
+    run_loss, run_correct, run_n, last_step = 0.0, 0.0, 0, start
+    if resumed_window is not None:
+        run_loss, run_correct = (_unexact(v, xp) for v in resumed_window[:2])
+        run_n, n_img, last_step = resumed_window[2:]
+    with _SigintFlag() as sig:
+        for step in range(start + 1, steps + 1):
+            batch = sample_fn(rng)
+            loss, grads, logits, labels = step_fn(params, batch)
+            run_loss = run_loss + loss                       # stays on the device
+            run_correct = run_correct + ((logits > 0) == (labels > 0.5)).sum()
+            run_n += 1
+            n_img += labels.size
+            optimizer.step(params, grads, keys=keys)
+            boundary = (step % log_every == 0 or step == steps or (eval_every and step % eval_every == 0)
+                        or step % ckpt_every == 0)
+            if boundary:
+                mean_loss = float(run_loss) / run_n          # the only host sync
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"[{name}] loss became {mean_loss} between steps {last_step} and {step}: stopping. "
+                        f"The last good checkpoint ({ckpt if os.path.exists(ckpt) else 'none yet'}) is "
+                        "kept; lower the learning rate and --resume, or start afresh.")
+                acc = float(run_correct) / (run_n * labels.size)
+                now = time.perf_counter()
+                ips = n_img / max(now - t_last, 1e-9)
+                row = record(step, mean_loss, acc, ips)
+                eta = (steps - step) / max(step - start, 1) * (now - t0)
+                extra = ''.join(f" {k} {v:.4f}" for k, v in row.items()
+                                if k.startswith(('test', 'val')) and isinstance(v, float))
+                run.log(f"[{name}] step {step}/{steps} loss {mean_loss:.4f} acc {acc:.3f}{extra} "
+                        f"{ips:.0f} img/s ETA {_fmt_time(eta)}")
+                run_loss, run_correct, run_n, n_img, t_last, last_step = 0.0, 0.0, 0, 0, now, step
+                if step % ckpt_every == 0 and step < steps:
+                    save(step)
+            if sig.hit or (stop_after is not None and step - start >= stop_after):
+                save(step, (run_loss, run_correct, run_n, n_img, last_step))
+                raise Interrupted(f"[{name}] interrupted at step {step}; checkpoint saved to {ckpt}. "
+                                  "Run the same command with --resume to continue.")
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+    return curve
+
+
+def _exact(v):
+    """A running sum (Python float or 0-d device array) as JSON, exactly."""
+    if isinstance(v, float):
+        return ['float', v]
+    a = to_host(v)
+    return [str(a.dtype), a.item()]
+
+
+def _unexact(e, xp):
+    dtype, v = e
+    return v if dtype == 'float' else xp.asarray(np.array(v, dtype=dtype))
+
+
+def _fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _stable_hash(s):
+    h = 0
+    for ch in s.encode():
+        h = (h * 131 + ch) % (2 ** 31)
+    return h
+
+
+def make_optimizer(args, lr=None):
+    name = args.optimizer
+    hyper = {'learning_rate': args.lr if lr is None else lr}
+    return Optimizer(name, **hyper)
+
+
+# =========================================================================== steps
+
+def supernet_step(cfg, rows, need_gen_grads=True):
+    """step_fn for SuperNet training: batch = (x (G,m,H,W,C), y (G,m), task_ids (G,));
+    rows maps dataset task ids to rows of params['z']."""
+    def step(params, batch):
+        x, y, tids = batch
+        loss, grads, logits = S.loss_and_grads(params, x, y, [rows[t] for t in tids], cfg,
+                                               need_gen_grads=need_gen_grads)
+        return loss, grads, logits, y
+    return step
+
+
+def baseline_step(cfg):
+    def step(params, batch):
+        x, y, _ = batch
+        loss, grads, logits = S.baseline_loss_and_grads(params, x[0], y[0], cfg)
+        return loss, grads, logits, y[0]
+    return step
+
+
+def task_sampler(taskset, task_ids, tasks_per_step, per_task, xp):
+    """sample_fn: each step draws `tasks_per_step` distinct tasks (uniformly, from task_ids)
+    and `per_task` training images of each, with replacement, as the original did."""
+    task_ids = np.asarray(task_ids)
+
+    def sample(rng):
+        chosen = rng.choice(task_ids, size=tasks_per_step, replace=False)
+        x, y, _ = taskset.sample_batch(rng, chosen.tolist(), per_task)
+        G = len(chosen)
+        x = to_device(x.reshape((G, per_task) + x.shape[1:]), xp)
+        y = to_device(y.reshape(G, per_task), xp)
+        return x, y, chosen.tolist()
+    return sample
+
+
+# =========================================================================== CLI helpers
+
+def add_common_args(p, default_out):
+    g = p.add_argument_group('data')
+    g.add_argument('--data', choices=['synthetic', 'cifar100'], default='synthetic',
+                   help="'cifar100' reads (or downloads) the real CIFAR-100 into --data-dir; "
+                        "'synthetic' generates an offline stand-in in the same format (default)")
+    g.add_argument('--data-dir', default=None, help='dataset cache (default $SUPERNET_DATA_DIR or ~/.cache/supernet)')
+    g.add_argument('--synthetic-train', type=int, default=500, help='synthetic train images per class (500 = full size)')
+    g.add_argument('--synthetic-test', type=int, default=100, help='synthetic test images per class')
+    g = p.add_argument_group('model')
+    g.add_argument('--z-dim', type=int, default=100)
+    g.add_argument('--gen-hidden', type=str, default='', help="generator hidden widths, e.g. '256,256' (default none, as the original)")
+    g.add_argument('--gen-output', choices=['tanh', 'linear'], default='tanh')
+    g.add_argument('--gen-init', choices=['classifier', 'original'], default='classifier')
+    g.add_argument('--fc-activation', action='store_true', help='leaky ReLU between the fc layers (the original has none)')
+    g = p.add_argument_group('training')
+    g.add_argument('--steps', type=int, default=50000, help='phase-1 steps (default 50,000 = 20 epochs of 50,000 images at batch 20)')
+    g.add_argument('--batch', type=int, default=20, help='images per task per step (default 20, the original)')
+    g.add_argument('--tasks-per-step', type=int, default=1, help='tasks mixed in one step (default 1, the original)')
+    g.add_argument('--optimizer', choices=['rmsprop', 'adam', 'momentum', 'sgd'], default='rmsprop')
+    g.add_argument('--lr', type=float, default=1e-4, help='phase-1 learning rate (default 1e-4, the original RMSProp)')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--eval-every', type=int, default=0, help='held-out evaluation interval in steps (default: 10 points per stage)')
+    g.add_argument('--log-every', type=int, default=0, help='progress line interval (default: 20 lines per stage)')
+    g.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval (default: 10 per stage)')
+    g = p.add_argument_group('run')
+    g.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
+    g.add_argument('--out', default=default_out, help=f'output directory (default {default_out})')
+    g.add_argument('--resume', action='store_true', help='continue the run in --out where it stopped')
+    g.add_argument('--quick', action='store_true', help='a first look in about a minute on a 2-core CPU (small synthetic data, few steps)')
+    g.add_argument('--quiet', action='store_true')
+
+
+def intervals(args, steps):
+    ev = args.eval_every or max(1, steps // 10)
+    lg = args.log_every or max(1, steps // 20)
+    ck = args.ckpt_every or max(lg, steps // 10)
+    ck = max(lg, (ck // lg) * lg)          # checkpoints on log boundaries
+    return ev, lg, ck
+
+
+def model_config(args, n_tasks):
+    hidden = tuple(int(v) for v in args.gen_hidden.split(',') if v.strip())
+    return S.Config(z_dim=args.z_dim, n_tasks=n_tasks, gen_hidden=hidden, gen_output=args.gen_output,
+                    gen_init=args.gen_init, fc_activation=args.fc_activation)
+
+
+def add_adapt_args(g):
+    g.add_argument('--new-z', choices=['onehot', 'zeros', 'mean'], default='onehot',
+                   help="how a held-out task's z starts: an unused one-hot (default), zeros, or the "
+                        "mean of the learned z vectors")
+    g.add_argument('--adapt-steps', type=int, default=1000, help='phase-2 steps per method (default 1000)')
+    g.add_argument('--z-lr', type=float, default=1e-2, help='z-only learning rate (default 1e-2)')
+    g.add_argument('--baseline-lr', type=float, default=1e-3, help='whole-network learning rate (default 1e-3)')
+    g.add_argument('--finetune-lr', type=float, default=None, help='generator fine-tuning learning rate (default: --lr)')
+    g.add_argument('--methods', default='z_only,whole_network,finetune',
+                   help='phase-2 methods to run (comma list of z_only, whole_network, finetune)')
+
+
+def phase1(run, args, cfg, taskset, train_ids, xp):
+    """Train generator + z on train_ids; returns params (on device) and the phase summary."""
+    rows = {t: i for i, t in enumerate(train_ids)}
+    params = S.init_params(cfg, seed=args.seed, xp=xp)
+    final = os.path.join(run.path, 'phase1.npz')
+    if run.done('phase1'):
+        saved, _, _ = S.load_checkpoint(final, cfg=cfg, params_like=params, xp=xp)
+        run.log(f"[phase1] done already: loaded {final}")
+        return saved, run.state['stages']['phase1']
+    watch = train_ids[:: max(1, len(train_ids) // max(1, args.eval_tasks))][:args.eval_tasks]
+
+    def eval_fn(p):
+        res = [evaluate(supernet_logits_fn(p, cfg, p['z'][rows[t]]), taskset, t, 'test', xp) for t in watch]
+        return {'test_loss': float(np.mean([r[0] for r in res])), 'test_acc': float(np.mean([r[1] for r in res]))}
+
+    ev, lg, ck = intervals(args, args.steps)
+    opt = make_optimizer(args)
+    t0 = time.perf_counter()
+    curve = train_stage(run, 'phase1', params, cfg, supernet_step(cfg, rows),
+                          task_sampler(taskset, train_ids, args.tasks_per_step, args.batch, xp),
+                          args.steps, opt, keys=None, seed=args.seed, eval_fn=eval_fn,
+                          eval_every=ev, log_every=lg, ckpt_every=ck)
+    wall = time.perf_counter() - t0
+    run.log('[phase1] evaluating every training task ...')
+    per_task = {}
+    for t in train_ids:
+        f = supernet_logits_fn(params, cfg, params['z'][rows[t]])
+        per_task[t] = {'train': evaluate(f, taskset, t, 'train', xp), 'test': evaluate(f, taskset, t, 'test', xp)}
+    summary = {
+        'wall_s': wall, 'steps': args.steps, 'curve': curve,
+        'train_acc_mean': float(np.mean([v['train'][1] for v in per_task.values()])),
+        'test_acc_mean': float(np.mean([v['test'][1] for v in per_task.values()])),
+        'test_acc_min': float(np.min([v['test'][1] for v in per_task.values()])),
+        'test_loss_mean': float(np.mean([v['test'][0] for v in per_task.values()])),
+        'per_task': {str(t): v for t, v in per_task.items()},
+    }
+    S.save_checkpoint(final, params, cfg)
+    run.finish('phase1', summary)
+    run.log(f"[phase1] {len(train_ids)} tasks: train acc {summary['train_acc_mean']:.3f}, "
+            f"test acc {summary['test_acc_mean']:.3f} (min {summary['test_acc_min']:.3f}) in {wall:.0f} s")
+    return params, summary
+
+
+def new_z(args, cfg, params, n_train, j, xp):
+    """Initial z for the j-th held-out task."""
+    if args.new_z == 'onehot':
+        idx = n_train + j
+        if idx >= cfg.z_dim:
+            raise SystemExit(f"error: --new-z onehot needs an unused one-hot index, but {n_train} training "
+                             f"tasks + {j + 1} held out > z_dim {cfg.z_dim}; use --new-z mean or zeros")
+        z = xp.zeros(cfg.z_dim, dtype=params['z'].dtype)
+        z[idx] = 1
+        return z
+    if args.new_z == 'zeros':
+        return xp.zeros(cfg.z_dim, dtype=params['z'].dtype)
+    return params['z'].mean(axis=0)
+
+
+def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
+    """Phase 2 on held-out task h; returns {method: result}."""
+    results = {}
+    gen = {k: v for k, v in params.items() if k != 'z'}
+    ev, lg, ck = intervals(args, args.adapt_steps)
+    sampler = task_sampler(taskset, [h], 1, args.batch, xp)
+    z_mean = params['z'].mean(axis=0)
+    for name, z in [('control_z0', xp.zeros_like(z_mean)), ('control_zmean', z_mean)]:
+        loss, acc = evaluate(supernet_logits_fn(params, cfg, z), taskset, h, 'test', xp)
+        results[name] = {'test_loss': loss, 'test_acc': acc, 'trainable': 0}
+    z0 = new_z(args, cfg, params, n_train, j, xp)
+    loss, acc = evaluate(supernet_logits_fn(params, cfg, z0), taskset, h, 'test', xp)
+    results['control_znew'] = {'test_loss': loss, 'test_acc': acc, 'trainable': 0}
+    counts = S.count_params(cfg)
+    for method in [m.strip() for m in args.methods.split(',') if m.strip()]:
+        stage = f'adapt/T{h}/{method}'
+        if run.done(stage):
+            results[method] = run.state['stages'][stage]
+            continue
+        ccfg = S.Config.from_dict({**cfg.to_dict(), 'n_tasks': 1})
+        if method == 'z_only':
+            p = dict(gen)                                   # the SAME generator arrays, frozen
+            p['z'] = z0.reshape(1, -1).copy()
+            step = supernet_step(ccfg, {h: 0}, need_gen_grads=False)
+            keys, lr, trainable = ['z'], args.z_lr, cfg.z_dim
+
+            def eval_fn(q):
+                return dict(zip(('test_loss', 'test_acc'),
+                                evaluate(supernet_logits_fn(q, ccfg, q['z'][0]), taskset, h, 'test', xp)))
+        elif method == 'finetune':
+            p = {k: v.copy() for k, v in gen.items()}
+            p['z'] = z0.reshape(1, -1).copy()
+            step = supernet_step(ccfg, {h: 0})
+            keys, lr = None, (args.finetune_lr or args.lr)
+            trainable = counts['generator'] + cfg.z_dim
+
+            def eval_fn(q):
+                return dict(zip(('test_loss', 'test_acc'),
+                                evaluate(supernet_logits_fn(q, ccfg, q['z'][0]), taskset, h, 'test', xp)))
+        elif method == 'whole_network':
+            rng = np.random.default_rng([args.seed, h, 7])
+            p = {k: to_device(v, xp) for k, v in S.init_classifier(cfg, rng).items()}
+            step = baseline_step(cfg)
+            keys, lr, trainable = None, args.baseline_lr, counts['classifier']
+
+            def eval_fn(q):
+                return dict(zip(('test_loss', 'test_acc'),
+                                evaluate(baseline_logits_fn(q, cfg), taskset, h, 'test', xp)))
+        else:
+            raise SystemExit(f"error: unknown method {method!r} in --methods")
+        before = {k: v.copy() for k, v in gen.items()} if method == 'z_only' else None
+        opt = make_optimizer(args, lr=lr)
+        t0 = time.perf_counter()
+        curve = train_stage(run, stage, p, ccfg if method != 'whole_network' else cfg, step, sampler,
+                              args.adapt_steps, opt, keys=keys, seed=args.seed * 1000 + h, eval_fn=eval_fn,
+                              eval_every=ev, log_every=lg, ckpt_every=ck)
+        res = {'test_loss': curve[-1]['test_loss'], 'test_acc': curve[-1]['test_acc'],
+               'train_acc_last': curve[-1]['train_acc'], 'trainable': trainable,
+               'wall_s': time.perf_counter() - t0, 'curve': curve}
+        if before is not None:      # the claim "frozen" is measured, not assumed
+            res['generator_unchanged'] = all(bool((before[k] == gen[k]).all()) for k in gen)
+            if not res['generator_unchanged']:
+                raise RuntimeError('z-only adaptation changed the generator')
+        run.finish(stage, res)
+        results[method] = res
+    return results
+
+
+def main_guard(fn):
+    """Run fn(), turning our errors into one clear line and the right exit code."""
+    try:
+        return fn()
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except (TrainingDiverged, S.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
