@@ -39,7 +39,7 @@ def build_parser():
     return p
 
 
-QUICK = dict(synthetic_train=60, synthetic_test=20, steps=600, adapt_steps=150, holdout='97-98')
+QUICK = dict(synthetic_train=60, synthetic_test=20, steps=600, adapt_steps=150, holdout='97-98', lr=1e-3)
 
 
 def apply_quick(args, argv):
@@ -57,7 +57,7 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
               'control_znew': f'control: initial new z ({args.new_z}, no training)',
               'z_only': 'z only, generator frozen', 'whole_network': 'whole network from scratch',
               'finetune': 'fine-tune generator + z'}
-    lines = [f"# Experiment 1 ({'synthetic data' if args.data == 'synthetic' else 'CIFAR-100'}, seed {args.seed})", '',
+    lines = [f"# Experiment 1 ({args.data_label}, seed {args.seed})", '',
              f"Phase 1: {phase1_summary['steps']} steps x batch {args.batch} x {args.tasks_per_step} task(s), "
              f"{len(phase1_summary['per_task'])} tasks: train acc {phase1_summary['train_acc_mean']:.3f}, "
              f"test acc {phase1_summary['test_acc_mean']:.3f} (wall {phase1_summary['wall_s']:.0f} s).", '',
@@ -112,13 +112,14 @@ def main(argv=None):
         run = T.RunDir(args.out, resume=args.resume, quiet=args.quiet)
         ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
                             n_test_per_class=args.synthetic_test, quiet=args.quiet)
+        args.data_label = 'synthetic data' if ds.synthetic else 'CIFAR-100'
         tasks = D.exp1_tasks()
         taskset = D.TaskSet(ds, tasks)
         holdout = D.parse_task_range(args.holdout, len(tasks))
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         cfg = T.model_config(args, n_tasks=len(train_ids))
         counts = S.count_params(cfg)
-        run.log(f"Experiment 1 on {'synthetic data' if ds.synthetic else 'CIFAR-100'} "
+        run.log(f"Experiment 1 on {args.data_label} "
                 f"({len(ds.train_y)} train / {len(ds.test_y)} test images), device {args.device}")
         run.log(f"parameters: classifier {counts['classifier']:,} (generated), generator "
                 f"{counts['generator']:,}, z {counts['z_per_task']} per task x {cfg.n_tasks} tasks")

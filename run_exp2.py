@@ -47,7 +47,7 @@ def build_parser():
     return p
 
 
-QUICK = dict(synthetic_train=60, synthetic_test=20, steps=600, adapt_steps=150)
+QUICK = dict(synthetic_train=60, synthetic_test=20, steps=600, adapt_steps=150, lr=1e-3)
 
 
 def twin(t):
@@ -72,7 +72,7 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
     per = p1['per_task']
     halves = {'normal (i vs i+50)': [t for t in map(int, per) if t < N_PAIRS],
               'reversed (i+50 vs i)': [t for t in map(int, per) if t >= N_PAIRS]}
-    src = 'synthetic data' if args.data == 'synthetic' else 'CIFAR-100'
+    src = args.data_label
     lines = [f"# Experiment 2 ({src}, seed {args.seed})", '',
              f"Phase 1: {p1['steps']} steps x batch {args.batch} x {args.tasks_per_step} task(s) on "
              f"{len(per)} tasks, wall {p1['wall_s']:.0f} s.", '',
@@ -142,6 +142,7 @@ def main(argv=None):
         run = T.RunDir(args.out, resume=args.resume, quiet=args.quiet)
         ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
                             n_test_per_class=args.synthetic_test, quiet=args.quiet)
+        args.data_label = 'synthetic data' if ds.synthetic else 'CIFAR-100'
         tasks = D.exp2_tasks()
         taskset = D.TaskSet(ds, tasks)
         if not -1 <= args.holdout_pair < N_PAIRS:
@@ -150,7 +151,7 @@ def main(argv=None):
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         cfg = T.model_config(args, n_tasks=len(train_ids))
         counts = S.count_params(cfg)
-        run.log(f"Experiment 2 on {'synthetic data' if ds.synthetic else 'CIFAR-100'}, {len(train_ids)} training "
+        run.log(f"Experiment 2 on {args.data_label}, {len(train_ids)} training "
                 f"tasks, held out {holdout or 'none'}, device {args.device}")
         run.log(f"parameters: classifier {counts['classifier']:,} (generated), generator "
                 f"{counts['generator']:,}, z {counts['z_per_task']} per task x {cfg.n_tasks} tasks")

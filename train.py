@@ -376,6 +376,9 @@ def model_config(args, n_tasks):
 
 
 def add_adapt_args(g):
+    g.add_argument('--phase1-from', default=None, metavar='DIR',
+                   help='reuse the finished phase 1 of another run directory (same model and tasks) and run '
+                        'only the adaptation stages')
     g.add_argument('--new-z', choices=['onehot', 'zeros', 'mean'], default='onehot',
                    help="how a held-out task's z starts: an unused one-hot (default), zeros, or the "
                         "mean of the learned z vectors")
@@ -392,6 +395,8 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     rows = {t: i for i, t in enumerate(train_ids)}
     params = S.init_params(cfg, seed=args.seed, xp=xp)
     final = os.path.join(run.path, 'phase1.npz')
+    if not run.done('phase1') and getattr(args, 'phase1_from', None):
+        _import_phase1(run, args.phase1_from, final, train_ids)
     if run.done('phase1'):
         saved, _, _ = S.load_checkpoint(final, cfg=cfg, params_like=params, xp=xp)
         run.log(f"[phase1] done already: loaded {final}")
@@ -428,6 +433,21 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     run.log(f"[phase1] {len(train_ids)} tasks: train acc {summary['train_acc_mean']:.3f}, "
             f"test acc {summary['test_acc_mean']:.3f} (min {summary['test_acc_min']:.3f}) in {wall:.0f} s")
     return params, summary
+
+
+def _import_phase1(run, src, final, train_ids):
+    """Reuse the finished phase 1 of another run directory (same model, same tasks)."""
+    import shutil
+    try:
+        with open(os.path.join(src, 'state.json')) as f:
+            p1 = json.load(f)['stages']['phase1']
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: --phase1-from {src}: no finished phase 1 there ({e})")
+    if sorted(int(t) for t in p1['per_task']) != sorted(train_ids):
+        raise SystemExit(f"error: --phase1-from {src} was trained on other tasks; use the same --holdout")
+    shutil.copyfile(os.path.join(src, 'phase1.npz'), final)
+    run.finish('phase1', p1)
+    run.log(f"[phase1] reusing the finished phase 1 of {src}")
 
 
 def new_z(args, cfg, params, n_train, j, xp):
