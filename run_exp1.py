@@ -51,12 +51,18 @@ def apply_quick(args, argv):
 
 
 def write_results(run, args, counts, phase1_summary, adapt_results, wall):
-    methods = ['control_z0', 'control_zmean', 'control_znew', 'z_only', 'whole_network', 'finetune']
+    methods = ['control_z0', 'control_zmean', 'control_znew', 'z_only', 'whole_network', 'finetune', 'ke',
+               'ke_slim']
     labels = {'control_z0': 'control: z = 0 (no training)',
               'control_zmean': 'control: z = mean of learned z (no training)',
               'control_znew': f'control: initial new z ({args.new_z}, no training)',
               'z_only': 'z only, generator frozen', 'whole_network': 'whole network from scratch',
-              'finetune': 'fine-tune generator + z'}
+              'finetune': 'fine-tune generator + z',
+              'ke': f'Knowledge Evolution ({args.ke_mode}, {args.ke_generations} generations), dense',
+              'ke_slim': f'Knowledge Evolution ({args.ke_mode}), slim (fit hypothesis only)'}
+    if args.generator == 'hyper':
+        labels['z_only'] = "z only, Ha et al.'s hypernetwork frozen"
+        labels['finetune'] = 'fine-tune hypernetwork + z'
     lines = [f"# Experiment 1 ({args.data_label}, seed {args.seed})", '',
              f"Phase 1: {phase1_summary['steps']} steps x batch {args.batch} x {args.tasks_per_step} task(s), "
              f"{len(phase1_summary['per_task'])} tasks: train acc {phase1_summary['train_acc_mean']:.3f}, "
@@ -65,6 +71,10 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
              '| method | trainable params | ' + ' | '.join(f'T{h}' for h in adapt_results) + ' | mean |',
              '|---|---|' + '---|' * (len(adapt_results) + 1)]
     table = {}
+    for res in adapt_results.values():
+        if 'ke' in res:
+            res['ke_slim'] = {'test_acc': res['ke']['slim_test_acc'], 'test_loss': res['ke']['slim_test_loss'],
+                              'trainable': res['ke']['slim_params']}
     for m in methods:
         vals = [adapt_results[h].get(m) for h in adapt_results]
         if any(v is None for v in vals):

@@ -66,6 +66,10 @@ class Config:
     gen_output: str = 'tanh'              # 'tanh' (bounds the weights) or 'linear'
     gen_init: str = 'classifier'          # 'classifier' or 'original' (see init_generator)
     z_init: str = 'onehot'                # 'onehot', 'zeros' or 'normal'
+    generator: str = 'dense'              # 'dense' (SuperNet) or 'hyper' (Ha et al.'s static
+    hyper_nz: int = 64                    #   hypernetwork, hyper.py): chunk embedding size,
+    hyper_d: int = 64                     #   its hidden size,
+    hyper_chunk: int = 16                 #   and the basic chunk (in = out filters)
 
     def __post_init__(self):
         for k in ('image_shape', 'conv_filters', 'fc', 'gen_hidden'):
@@ -76,6 +80,8 @@ class Config:
             raise ValueError(f"gen_init must be 'classifier' or 'original', got {self.gen_init!r}")
         if self.z_init not in ('onehot', 'zeros', 'normal'):
             raise ValueError(f"z_init must be 'onehot', 'zeros' or 'normal', got {self.z_init!r}")
+        if self.generator not in ('dense', 'hyper'):
+            raise ValueError(f"generator must be 'dense' or 'hyper', got {self.generator!r}")
         if self.z_init == 'onehot' and self.n_tasks > self.z_dim:
             raise ValueError(f"one-hot z needs z_dim >= n_tasks ({self.z_dim} < {self.n_tasks})")
 
@@ -121,6 +127,10 @@ def _gen_dims(cfg):
 
 def count_params(cfg):
     """Parameter counts, computed from the shapes: classifier, generator, z."""
+    if cfg.generator == 'hyper':
+        import hyper
+        return {'classifier': classifier_layout(cfg)[1], 'generator': hyper.hyper_count(cfg, hyper_config(cfg)),
+                'z_per_task': cfg.z_dim, 'z_total': cfg.z_dim * cfg.n_tasks}
     _, P = classifier_layout(cfg)
     dims = _gen_dims(cfg)
     hidden = sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
@@ -207,8 +217,17 @@ def init_generator(cfg, rng, dtype=np.float32):
     return {k: v.astype(dtype) for k, v in params.items()}
 
 
+def hyper_config(cfg):
+    """The hyper.HyperConfig of a Config with generator='hyper' (output as cfg.gen_output)."""
+    import hyper
+    return hyper.HyperConfig(nz=cfg.hyper_nz, d=cfg.hyper_d, chunk=cfg.hyper_chunk, output=cfg.gen_output)
+
+
 def init_params(cfg, seed=0, xp=np, dtype=np.float32):
     """Generator + z, created on the device of `xp` (the one place the device is chosen)."""
+    if cfg.generator == 'hyper':
+        import hyper
+        return hyper.hyper_init_params(cfg, hyper_config(cfg), seed=seed, xp=xp, dtype=dtype)
     rng = np.random.default_rng(seed)
     params = init_generator(cfg, rng, dtype)
     params['z'] = init_z(cfg, rng, dtype=dtype)
@@ -223,6 +242,10 @@ def generator_keys(params):
 
 def generator_forward(Z, params, cfg):
     """Z (G, z_dim) -> theta (G, P): every classifier tensor for each of the G task vectors."""
+    if cfg.generator == 'hyper':                 # Ha et al.'s hypernetwork, same contract
+        import hyper
+        theta, cache = hyper.hyper_forward(Z, params, cfg, hyper_config(cfg))
+        return theta, ('hyper', cache)
     caches = []
     h = Z
     for l in range(1, len(cfg.gen_hidden) + 1):
@@ -242,11 +265,15 @@ def generator_backward(dtheta, cache, need_param_grads=True):
     need_param_grads=False (z-only training, generator frozen) skips dW and db, the
     generator's largest products, and returns only dZ.
     """
+    if cache[0] == 'hyper':
+        import hyper
+        return hyper.hyper_backward(dtheta, cache[1], need_param_grads)
     caches, (h, W), c_tanh = cache
     dpre = L.tanh_backward(dtheta, c_tanh) if c_tanh is not None else dtheta
     grads = {}
     if need_param_grads:
-        grads['gen.out.w'] = h.T @ dpre                 # (dim_L, G) @ (G, P)
+        xp = get_xp(dpre, h)
+        grads['gen.out.w'] = xp.dot(h.T, dpre)          # (dim_L, G) @ (G, P); numpy's matmul is 8x slower at G=1
         grads['gen.out.b'] = dpre.sum(axis=0)
     dh = dpre @ W.T                                    # (G, P) @ (P, dim_L)
     for l in range(len(caches), 0, -1):
@@ -364,7 +391,7 @@ def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None):
             (then no 'z' gradient is returned; 'Z' is, for the caller)
     returns loss (0-d array), grads {key: array}, logits (G, m)
     """
-    xp = get_xp(x, params['gen.out.w'])
+    xp = get_xp(x, params['z'])
     tasks = np.asarray(tasks, dtype=np.int64).reshape(-1)
     if x.ndim != 5 or x.shape[0] != len(tasks) or y.shape != x.shape[:2]:
         raise ValueError(f"loss_and_grads: x {tuple(x.shape)}, y {tuple(y.shape)} and {len(tasks)} tasks "

@@ -172,8 +172,7 @@ class _SigintFlag:
 
 
 def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, keys, seed,
-                eval_fn=None, eval_every=0, log_every=100, ckpt_every=1000, batch_images=None,
-                stop_after=None):
+                eval_fn=None, eval_every=0, log_every=100, ckpt_every=1000):
     """Train one stage, resumable.
 
     step_fn(params, batch) -> (loss, grads, logits, labels): one forward/backward
@@ -181,7 +180,6 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
     keys: the trainable parameter keys (the optimizer sees only these)
     eval_fn(params) -> dict of held-out figures, evaluated at step 0, every eval_every
                        steps and at the end; rows go into the returned curve
-    stop_after: (tests) simulate an interruption after this many steps
     returns the curve: [{'step', 'train_loss', 'train_acc', 'images_per_s', ...eval}]
     """
     rng = np.random.default_rng([seed, _stable_hash(name)])
@@ -251,7 +249,10 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
                 run_loss, run_correct, run_n, n_img, t_last, last_step = 0.0, 0.0, 0, 0, now, step
                 if step % ckpt_every == 0 and step < steps:
                     save(step)
-            if sig.hit or (stop_after is not None and step - start >= stop_after):
+            if sig.hit:
+                if run_n and not math.isfinite(float(run_loss)):
+                    raise TrainingDiverged(f"[{name}] interrupted, but the loss is already non-finite: "
+                                           "not saving; the last good checkpoint is kept.")
                 save(step, (run_loss, run_correct, run_n, n_img, last_step))
                 raise Interrupted(f"[{name}] interrupted at step {step}; checkpoint saved to {ckpt}. "
                                   "Run the same command with --resume to continue.")
@@ -343,6 +344,11 @@ def add_common_args(p, default_out):
     g.add_argument('--gen-output', choices=['tanh', 'linear'], default='tanh')
     g.add_argument('--gen-init', choices=['classifier', 'original'], default='classifier')
     g.add_argument('--fc-activation', action='store_true', help='leaky ReLU between the fc layers (the original has none)')
+    g.add_argument('--generator', choices=['dense', 'hyper'], default='dense',
+                   help="'dense': SuperNet's generator (default); 'hyper': Ha et al.'s static hypernetwork "
+                        "(16x16 kernel chunks, task-conditional chunk embeddings; see hyper.py)")
+    g.add_argument('--hyper-nz', type=int, default=64, help='hypernetwork chunk-embedding size (default 64)')
+    g.add_argument('--hyper-d', type=int, default=64, help='hypernetwork hidden size (default 64)')
     g = p.add_argument_group('training')
     g.add_argument('--steps', type=int, default=50000, help='phase-1 steps (default 50,000 = 20 epochs of 50,000 images at batch 20)')
     g.add_argument('--batch', type=int, default=20, help='images per task per step (default 20, the original)')
@@ -372,7 +378,8 @@ def intervals(args, steps):
 def model_config(args, n_tasks):
     hidden = tuple(int(v) for v in args.gen_hidden.split(',') if v.strip())
     return S.Config(z_dim=args.z_dim, n_tasks=n_tasks, gen_hidden=hidden, gen_output=args.gen_output,
-                    gen_init=args.gen_init, fc_activation=args.fc_activation)
+                    gen_init=args.gen_init, fc_activation=args.fc_activation, generator=args.generator,
+                    hyper_nz=args.hyper_nz, hyper_d=args.hyper_d)
 
 
 def add_adapt_args(g):
@@ -387,7 +394,12 @@ def add_adapt_args(g):
     g.add_argument('--baseline-lr', type=float, default=1e-3, help='whole-network learning rate (default 1e-3)')
     g.add_argument('--finetune-lr', type=float, default=None, help='generator fine-tuning learning rate (default: --lr)')
     g.add_argument('--methods', default='z_only,whole_network,finetune',
-                   help='phase-2 methods to run (comma list of z_only, whole_network, finetune)')
+                   help='phase-2 methods to run (comma list of z_only, whole_network, finetune, ke)')
+    g.add_argument('--ke-generations', type=int, default=5,
+                   help='Knowledge Evolution (method ke): generations of --adapt-steps each (default 5)')
+    g.add_argument('--ke-split', type=float, default=0.5, help='Knowledge Evolution split rate s (default 0.5)')
+    g.add_argument('--ke-mode', choices=['kels', 'wels'], default='kels',
+                   help='Knowledge Evolution mask: kernel-level (default) or weight-level')
 
 
 def phase1(run, args, cfg, taskset, train_ids, xp):
@@ -504,6 +516,16 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
             def eval_fn(q):
                 return dict(zip(('test_loss', 'test_acc'),
                                 evaluate(supernet_logits_fn(q, ccfg, q['z'][0]), taskset, h, 'test', xp)))
+        elif method == 'ke':
+            import knowledge_evolution as KE
+            res = KE.run_knowledge_evolution(
+                run, stage, cfg, taskset, h, xp, args.adapt_steps, generations=args.ke_generations,
+                split_rate=args.ke_split, mode=args.ke_mode, lr=args.baseline_lr, optimizer=args.optimizer,
+                seed=args.seed, eval_every=args.eval_every, log_every=args.log_every,
+                ckpt_every=args.ckpt_every, batch=args.batch)
+            run.finish(stage, res)
+            results[method] = res
+            continue
         elif method == 'whole_network':
             rng = np.random.default_rng([args.seed, h, 7])
             p = {k: to_device(v, xp) for k, v in S.init_classifier(cfg, rng).items()}

@@ -180,3 +180,18 @@ def test_gpu_request_without_cupy_is_a_clear_error(tiny_cifar_dir, tmp_path, cap
     rc = run_exp1.main(_exp1_args(tiny_cifar_dir, tmp_path / 'g', '--device', 'gpu'))
     assert rc == 1
     assert 'needs CuPy' in capsys.readouterr().err
+
+
+def test_exp1_with_hypernetwork_and_knowledge_evolution(tiny_cifar_dir, tmp_path):
+    out = tmp_path / 'hyper'
+    args = _exp1_args(tiny_cifar_dir, out, '--generator', 'hyper', '--gen-output', 'linear',
+                      '--methods', 'z_only,ke', '--ke-generations', '2')
+    assert run_exp1.main(args) == 0
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['param_counts']['generator'] < S.count_params(S.Config())['generator'] / 10
+    a = s['adapt']['98']
+    assert a['z_only']['generator_unchanged'] is True and a['z_only']['trainable'] == 100
+    assert [g['gen'] for g in a['ke']['generations']] == [1, 2]
+    assert 0 < a['ke']['slim_params'] < 37165
+    md = (out / 'results.md').read_text()
+    assert "Ha et al.'s hypernetwork frozen" in md and 'Knowledge Evolution (kels' in md and 'slim' in md
