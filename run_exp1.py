@@ -34,6 +34,8 @@ def build_parser():
     g = p.add_argument_group('experiment 1')
     g.add_argument('--holdout', default='98', help="held-out task(s), e.g. '98' (default) or '94-98'")
     T.add_adapt_args(g)
+    g.add_argument('--aggregate', nargs='+', metavar='RUN_DIR',
+                   help='(first argument) print mean +- std over finished runs (e.g. two seeds) and exit')
     g.add_argument('--eval-tasks', type=int, default=10,
                    help='training tasks evaluated during phase 1 (all of them at the end; default 10)')
     return p
@@ -111,8 +113,42 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
     return summary
 
 
+def aggregate(dirs):
+    """Mean and spread over seeds of finished runs: per method, the test accuracy averaged
+    over the held-out tasks of each run, then mean +- std (and min..max) over the runs."""
+    import json
+    runs = []
+    for d in dirs:
+        try:
+            with open(os.path.join(d, 'summary.json')) as f:
+                runs.append(json.load(f))
+        except OSError as e:
+            raise SystemExit(f"error: {d}: no finished run there ({e})")
+    methods = []
+    for r in runs:
+        methods += [m for m in r['table'] if m not in methods]
+    lines = [f"Experiment 1 over {len(runs)} runs (seeds {', '.join(str(r['config']['seed']) for r in runs)}; "
+             f"held-out tasks {runs[0]['config']['holdout']}): test accuracy, mean over held-out tasks", '',
+             '| method | trainable params | ' + ' | '.join(f"seed {r['config']['seed']}" for r in runs) +
+             ' | mean +- std over seeds | per-task min..max |', '|---|---|' + '---|' * (len(runs) + 2)]
+    for m in methods:
+        per_run = [r['table'][m] for r in runs if m in r['table']]
+        if len(per_run) != len(runs):
+            continue
+        means = [t['mean_acc'] for t in per_run]
+        all_acc = [a for t in per_run for a in t['test_acc']]
+        lines.append(f"| {m} | {per_run[0]['trainable']:,} | " + ' | '.join(f'{v:.3f}' for v in means) +
+                     f" | {np.mean(means):.3f} +- {np.std(means):.3f} | {min(all_acc):.3f}..{max(all_acc):.3f} |")
+    print('\n'.join(lines))
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['--aggregate']:
+        if len(argv) < 2:
+            raise SystemExit('usage: run_exp1.py --aggregate RUN_DIR [RUN_DIR ...]')
+        return aggregate(argv[1:])
     args = build_parser().parse_args(argv)
     apply_quick(args, argv)
 

@@ -21,11 +21,17 @@ Shapes and backward formulas (g = upstream gradient dL/dout):
             dw = cols.T @ g     db = sum g     dx = col2im(g @ w.T)
             SAME: Ho = ceil(H/s), TF's split of the padding (extra on the bottom/right)
             VALID: Ho = (H-kh)//s + 1
+            How (for speed, same numbers): im2col is one copy of a strided view of the
+            padded input, done in cache-sized blocks of images (one block on a GPU);
+            dx (and dw when F <= C) comes per stride phase from an im2col of g, which
+            is col2im without the (M, K) matrix or its scatter-add. See conv_backward.
   leaky_relu out = max(x, a*x)  (0<=a<1)     dx = g * (1 if x > 0 else a)
   tanh      out = tanh(x)                    dx = g * (1 - out**2)
   sigmoid   out = 1/(1+exp(-x)) (stable)     dx = g * out * (1 - out)
   flatten   out = x.reshape(..., -1)          dx = g.reshape(x.shape)
 """
+import numpy as np
+
 from .backend import get_xp
 
 
@@ -92,15 +98,58 @@ def _pad_hw(pad):
     return tuple(pad[0]), tuple(pad[1])
 
 
+# im2col works on blocks of images: each block's patch matrix is about this size, so it
+# is built and consumed while it is still in cache, and the whole (N*Ho*Wo, K) matrix
+# (39 MB for conv1 at batch 512) is never allocated: fresh allocations that large are
+# page-faulted in on every step. One block on a GPU.
+_BLOCK_BYTES = 2 << 20
+
+
+def _image_blocks(xp, n, bytes_per_image):
+    """Slices cutting n images into blocks of about _BLOCK_BYTES (a single block off the CPU)."""
+    step = max(1, _BLOCK_BYTES // bytes_per_image) if xp is np else n
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _pad(xp, a, top, bottom, left, right):
+    """a (G, N, H, W, C) with zero rows/columns added around H and W: one copy, and only
+    the border is zeroed (zeros + copy would write everything twice)."""
+    G, N, H, W, C = a.shape
+    out = xp.empty((G, N, top + H + bottom, left + W + right, C), dtype=a.dtype)
+    out[:, :, top:top + H, left:left + W] = a
+    out[:, :, :top] = 0
+    out[:, :, top + H:] = 0
+    out[:, :, top:top + H, :left] = 0
+    out[:, :, top:top + H, left + W:] = 0
+    return out
+
+
+def _windows(xp, a, kh, kw, Ho, Wo, stride):
+    """(..., Ho, Wo, kh, kw, C) strided VIEW of the kh x kw window under each output pixel
+    of a (..., Hp, Wp, C): nothing is copied. Reshaping it to (-1, kh*kw*C) makes the
+    im2col matrix in one copy, with contiguous runs of kw*C values."""
+    *lead, _, _, C = a.shape
+    *s_lead, sH, sW, sC = a.strides
+    return xp.lib.stride_tricks.as_strided(
+        a, shape=(*lead, Ho, Wo, kh, kw, C), strides=(*s_lead, stride * sH, stride * sW, sH, sW, sC))
+
+
+def _im2col(xp, a, kh, kw, Ho, Wo, stride):
+    """a (G, n, Hp, Wp, C) padded -> (G, n*Ho*Wo, kh*kw*C): one row per output pixel,
+    columns ordered (kh, kw, C) like an HWIO weight, which so reshapes to (K, F) for free."""
+    G, n, C = a.shape[0], a.shape[1], a.shape[-1]
+    return _windows(xp, a, kh, kw, Ho, Wo, stride).reshape(G, n * Ho * Wo, kh * kw * C)
+
+
 def conv_forward(x, w, b, stride=1, pad='SAME'):
-    """2-D convolution (cross-correlation, as every framework) via im2col + one matmul.
+    """2-D convolution (cross-correlation, as every framework) via im2col + matmul.
 
     x:   (N, H, W, C)          or grouped (G, N, H, W, C)
     w:   (kh, kw, C, F)        or grouped (G, kh, kw, C, F)
     b:   (F,)                  or grouped (G, F)
     stride: int; pad: 'SAME' | 'VALID' | int | ((top, bottom), (left, right))
     out: (N, Ho, Wo, F)        or grouped (G, N, Ho, Wo, F)
-    cache: what conv_backward needs (the im2col matrix, the weights, the geometry)
+    cache: what conv_backward needs (the padded input, the weights, the geometry)
     """
     xp = get_xp(x, w, b)
     grouped = w.ndim == 5
@@ -122,51 +171,111 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
     Ho, pt, pb = conv_output_size(H, kh, stride, pad_h)
     Wo, pl, pr = conv_output_size(W, kw, stride, pad_w)
 
-    x4 = xg.reshape(G * N, H, W, C)
-    if pt or pb or pl or pr:
-        xpad = xp.zeros((G * N, H + pt + pb, W + pl + pr, C), dtype=x.dtype)
-        xpad[:, pt:pt + H, pl:pl + W, :] = x4
-    else:
-        xpad = x4
-    # im2col: one strided slice per kernel offset (Chainer's loop), never per pixel.
-    col = xp.empty((G * N, Ho, Wo, kh, kw, C), dtype=x.dtype)
-    he, we = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1
-    for i in range(kh):
-        for j in range(kw):
-            col[:, :, :, i, j, :] = xpad[:, i:i + he:stride, j:j + we:stride, :]
+    xpad = _pad(xp, xg, pt, pb, pl, pr)
     K = kh * kw * C
-    col = col.reshape(G, N * Ho * Wo, K)
     w2 = wg.reshape(G, K, F)
-    out = col @ w2
-    out += bg[:, None, :]
-    out = out.reshape(G, N, Ho, Wo, F)
-    cache = (col, w2, (G, N, H, W, C), (kh, kw, F), (Ho, Wo), (pt, pb, pl, pr), stride, grouped)
+    b_row = xp.tile(bg, (1, Wo))[:, None, :]            # (G, 1, Wo*F): the bias along an output row
+    out = xp.empty((G, N, Ho, Wo, F), dtype=x.dtype)
+    for blk in _image_blocks(xp, N, G * Ho * Wo * K * x.dtype.itemsize):
+        o = out[:, blk].reshape(G, -1, F)                # a view (each group's block is contiguous)
+        xp.matmul(_im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride), w2, out=o)
+        o_rows = o.reshape(G, -1, Wo * F)                # the same memory, one output row per line:
+        o_rows += b_row                                  # the add runs over Wo*F values, not F
+    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped)
     return (out if grouped else out[0]), cache
+
+
+def _phases(size, pad_before, k, s):
+    """For each phase p of one axis (padded coordinate % s == p): the first unpadded pixel
+    of that phase, how many there are, the phase index of the first one, and how many
+    kernel taps (p, p+s, ...) the phase meets."""
+    out = []
+    for p in range(s):
+        first = (p - pad_before) % s
+        out.append((first, len(range(first, size, s)), (first + pad_before) // s, len(range(p, k, s))))
+    return out
+
+
+def _conv_grads_by_phase(xp, d, xpad, wg, H, W, pads, stride, need_dx, need_dw):
+    """dx and/or dw, split by stride phase, from one im2col of d.
+
+    Input pixel y (padded y + pt) meets only kernel rows i = p + s*a, p = (y + pt) % s, at
+    output rows ho = (y + pt) // s - a; likewise for columns. So for the pixels of one
+    phase (p, q) the taps w[p::s, q::s] act as a stride-1 correlation with d: `dcol`, an
+    im2col of the zero-padded d whose row for pixel (y, x) lists the d values that pixel
+    fed (tap order flipped), serves both
+        dx[pixels of (p, q)] = dcol @ w[p::s, q::s]          (flipped, as (nA*nB*F, C))
+        dw[p::s, q::s]       = x[pixels of (p, q)].T @ dcol   (flipped back)
+    No (M, kh*kw*C) dcol, no scatter-add (col2im), and no second im2col of x for dw.
+    d (G, N, Ho, Wo, F), xpad (G, N, Hp, Wp, C), wg (G, kh, kw, C, F)
+    -> dx (G, N, H, W, C) or None, dw (G, kh, kw, C, F) or None.
+    """
+    G, N, Ho, Wo, F = d.shape
+    _, kh, kw, C, _ = wg.shape
+    pt, pl = pads
+    s = stride
+    rows, cols = _phases(H, pt, kh, s), _phases(W, pl, kw, s)
+    # zero-pad d so that every window (phase rows Y0+t-nA+1 .. Y0+t) lies inside it
+    top = max([nA - 1 - Y0 for _, _, Y0, nA in rows] + [0])
+    bottom = max([Y0 + ny - Ho for _, ny, Y0, _ in rows] + [0])
+    left = max([nB - 1 - X0 for _, _, X0, nB in cols] + [0])
+    right = max([X0 + nx - Wo for _, nx, X0, _ in cols] + [0])
+    dz = _pad(xp, d, top, bottom, left, right)
+    dx = xp.empty((G, N, H, W, C), dtype=d.dtype) if need_dx else None
+    dw = xp.zeros((G, kh, kw, C, F), dtype=d.dtype) if need_dw else None
+    for p, (y0, ny, Y0, nA) in enumerate(rows):
+        for q, (x0, nx, X0, nB) in enumerate(cols):
+            if ny == 0 or nx == 0:                # no pixel of this phase: its taps saw only padding
+                continue
+            if nA == 0 or nB == 0:                # stride > kernel: no tap reaches these pixels
+                if need_dx:
+                    dx[:, :, y0::s, x0::s] = 0
+                continue
+            w_ph = wg[:, p::s, q::s][:, ::-1, ::-1]                       # (G, nA, nB, C, F), flipped
+            w_mat = w_ph.swapaxes(-1, -2).reshape(G, nA * nB * F, C)
+            win = dz[:, :, top + Y0 - nA + 1:, left + X0 - nB + 1:]      # window of the first pixel
+            x_ph = xpad[:, :, pt + y0::s, pl + x0::s][:, :, :ny, :nx]    # this phase's input pixels
+            dw_ph = None
+            for blk in _image_blocks(xp, N, G * ny * nx * nA * nB * F * d.dtype.itemsize):
+                dcol = _im2col(xp, win[:, blk], nA, nB, ny, nx, 1)       # (G, n*ny*nx, nA*nB*F)
+                if need_dx:
+                    dx[:, blk, y0::s, x0::s] = (dcol @ w_mat).reshape(G, -1, ny, nx, C)
+                if need_dw:
+                    part = x_ph[:, blk].reshape(G, -1, C).swapaxes(1, 2) @ dcol   # (G, C, nA*nB*F)
+                    dw_ph = part if dw_ph is None else dw_ph + part
+            if need_dw:
+                dw[:, p::s, q::s] = dw_ph.reshape(G, C, nA, nB, F).transpose(0, 2, 3, 1, 4)[:, ::-1, ::-1]
+    return dx, dw
 
 
 def conv_backward(dout, cache, need_dx=True):
     """dout: like out -> (dx like x, dw like w, db like b).
 
-    need_dx=False skips the input gradient (returns dx=None): the first layer's
-    input is the image, whose gradient nobody needs.
+    db = sum of dout. dx (and dw when F <= C) by _conv_grads_by_phase; otherwise dw =
+    im2col(x).T @ dout, the patch matrix rebuilt block by block from the cached padded
+    input. Which dw method runs depends only on the shapes, so need_dx does not change dw.
+    need_dx=False skips the input gradient (returns dx=None): the first layer's input is
+    the image, which needs none.
     """
-    col, w2, (G, N, H, W, C), (kh, kw, F), (Ho, Wo), (pt, pb, pl, pr), stride, grouped = cache
-    xp = get_xp(dout, col)
-    d2 = dout.reshape(G, N * Ho * Wo, F)
-    db = d2.sum(axis=1)                                  # (G, F)
-    dw = (col.swapaxes(1, 2) @ d2).reshape(G, kh, kw, C, F)
-    dx = None
-    if need_dx:
-        dcol = (d2 @ w2.swapaxes(1, 2)).reshape(G * N, Ho, Wo, kh, kw, C)
-        dxpad = xp.zeros((G * N, H + pt + pb, W + pl + pr, C), dtype=dout.dtype)
-        he, we = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1
-        for i in range(kh):           # col2im: scatter-add each kernel offset back
-            for j in range(kw):
-                dxpad[:, i:i + he:stride, j:j + we:stride, :] += dcol[:, :, :, i, j, :]
-        dx = dxpad[:, pt:pt + H, pl:pl + W, :].reshape(G, N, H, W, C)
-        if not grouped:
-            dx = dx[0]
+    xpad, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped = cache
+    xp = get_xp(dout, xpad)
+    G, N, C = xpad.shape[0], xpad.shape[1], xpad.shape[-1]
+    K, F = w2.shape[1:]
+    d = dout.reshape(G, N, Ho, Wo, F)
+    ones = xp.ones((G, 1, N * Ho * Wo), dtype=d.dtype)
+    db = (ones @ d.reshape(G, -1, F))[:, 0]              # (G, F): a gemv; sum(axis=1) is 20x slower
+    dw_from_d = F <= C               # the windows of d are then no bigger than im2col(x)
+    dx = dw = None
+    if need_dx or dw_from_d:
+        dx, dw = _conv_grads_by_phase(xp, d, xpad, w2.reshape(G, kh, kw, C, F), H, W, pads, stride,
+                                      need_dx, dw_from_d)
+    if not dw_from_d:
+        for blk in _image_blocks(xp, N, G * Ho * Wo * K * d.dtype.itemsize):
+            part = _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride).swapaxes(1, 2) @ d[:, blk].reshape(G, -1, F)
+            dw = part if dw is None else dw + part       # (G, K, F), summed over the blocks
+        dw = dw.reshape(G, kh, kw, C, F)
     if not grouped:
+        dx = None if dx is None else dx[0]
         dw, db = dw[0], db[0]
     return dx, dw, db
 
@@ -177,15 +286,20 @@ def leaky_relu_forward(x, alpha=0.2):
     """out = max(x, alpha*x) for 0 <= alpha < 1.  x: any shape -> out: same shape."""
     if not 0 <= alpha < 1:
         raise ValueError(f"leaky_relu: alpha must be in [0, 1), got {alpha}")
-    xp = get_xp(x)
-    return xp.maximum(x, alpha * x), (x, alpha)
+    out = alpha * x
+    get_xp(x).maximum(out, x, out=out)
+    return out, (x, alpha)
 
 
 def leaky_relu_backward(dout, cache):
-    """dx = dout where x > 0, alpha * dout elsewhere."""
+    """dx = dout where x > 0, alpha * dout elsewhere, as dout * slope.
+    (No xp.where: numpy's where branches per element, ~10x slower on random signs.)"""
     x, alpha = cache
-    xp = get_xp(dout, x)
-    return xp.where(x > 0, dout, alpha * dout)
+    slope = (x > 0).astype(dout.dtype)  # 1 or 0
+    slope *= 1 - alpha
+    slope += alpha                      # 1 or alpha
+    slope *= dout
+    return slope
 
 
 def tanh_forward(x):

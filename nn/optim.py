@@ -19,7 +19,7 @@ import numpy as np
 
 from .backend import get_xp
 
-_CHUNK = 1 << 15      # 32K floats = 128 KB per array: a few of them fit in L2
+_CHUNK = 1 << 16      # 64K floats = 256 KB per array: the 4 arrays of an update fit in L2 (1 MB)
 
 
 def _chunks(xp, *arrays):
@@ -128,8 +128,9 @@ def adam(w, dw, config=None):
         config['v'] = xp.zeros_like(w)
     config['t'] += 1
     b1, b2, eps, t_ = config['beta1'], config['beta2'], config['epsilon'], config['t']
-    step = config['learning_rate'] * np.sqrt(1 - b2 ** t_) / (1 - b1 ** t_)
-    eps_hat = eps * np.sqrt(1 - b2 ** t_)     # same update as eps added to the corrected sqrt(v)
+    # Python floats, not np.float64 scalars, which would run float32 updates in float64
+    step = float(config['learning_rate'] * np.sqrt(1 - b2 ** t_) / (1 - b1 ** t_))
+    eps_hat = float(eps * np.sqrt(1 - b2 ** t_))   # same update as eps added to the corrected sqrt(v)
     tmp = _scratch(xp, w, config)
     for wc, gc, mc, vc in _chunks(xp, w, dw, config['m'], config['v']):
         t = tmp[:wc.size]

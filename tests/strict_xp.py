@@ -130,10 +130,24 @@ StrictArray.__abs__ = lambda self: StrictArray(abs(self._a))
 StrictArray.__invert__ = lambda self: StrictArray(~self._a)
 
 
+class _StrictStrideTricks:
+    """xp.lib.stride_tricks.as_strided, as cupy.lib.stride_tricks has it (strides in bytes)."""
+    @staticmethod
+    def as_strided(x, shape=None, strides=None):
+        if not isinstance(x, StrictArray):
+            raise MixError("as_strided of a host array")
+        return StrictArray(np.lib.stride_tricks.as_strided(x._a, shape=shape, strides=strides))
+
+
+class _StrictLib:
+    stride_tricks = _StrictStrideTricks()
+
+
 class _StrictModule:
     """numpy's namespace, but every function takes and returns StrictArrays and
     refuses host arrays (except the explicit transfers asarray/array)."""
     _TRANSFER = {'asarray', 'array', 'ascontiguousarray'}
+    lib = _StrictLib()
 
     def __getattr__(self, name):
         attr = getattr(np, name)

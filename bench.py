@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""Benchmark of the SuperNet training step (issue 6).
+
+One run measures and prints:
+  * the machine: float32 matmul peak (GFLOP/s) and copy bandwidth (GB/s copied);
+  * the full training step, supernet.loss_and_grads + Optimizer('rmsprop').step over every
+    parameter, original Config(n_tasks=98), at batch 20, 128, 512 (one task per step) and a
+    mixed step of 8 tasks x 64: ms/step (median after warm-up), images/s, achieved GFLOP/s
+    (FLOPs counted analytically) and its fraction of the matmul peak;
+  * one mixed 8x64 step against 8 one-task steps of 64 images (the same 512 images);
+  * a per-part breakdown (generator, each conv forward/backward, fc, optimizer);
+  * the step's peak memory: numpy allocations (tracemalloc) and the process's peak RSS;
+  * --vs-torch: the same step in PyTorch, timed side by side (interleaved), the speed ratio
+    torch_ms / our_ms (>= 1: we are faster), and a float64 check that both compute the same
+    loss and gradients (an oracle for the hand-written backward independent of finite
+    differences). torch is imported only under this option; it is not a dependency.
+
+    python3 bench.py [--quick] [--threads N] [--device cpu|gpu] [--vs-torch] [--json PATH]
+"""
+import os
+import sys
+
+
+def _flag_value(argv, name):
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + '='):
+            return a.split('=', 1)[1]
+    return None
+
+
+# BLAS reads its thread count when numpy is first imported: set it before that import.
+_THREADS = _flag_value(sys.argv[1:], '--threads') if __name__ == '__main__' else None
+if _THREADS:
+    for _var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+        os.environ[_var] = _THREADS
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import supernet as S  # noqa: E402
+from nn import layers as L  # noqa: E402
+from nn.backend import get_device_module, synchronize, to_device, to_host  # noqa: E402
+from nn.gradcheck import rel_error  # noqa: E402
+from nn.loss import sigmoid_cross_entropy  # noqa: E402
+from nn.optim import Optimizer  # noqa: E402
+
+
+# =========================================================================== timing
+
+def blas_threads():
+    """The thread count BLAS runs with: the env var if set, else one per usable core."""
+    for var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def timed(fn, sync):
+    """Seconds of one call of fn, with the device drained before and after."""
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def median_ms(fns, sync, warmup, repeats):
+    """Median ms of each function of fns, called in turn (interleaved, so that a load that
+    comes and goes on a shared machine hits all of them alike) after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            t.append(timed(fn, sync))
+    return [1e3 * float(np.median(t)) for t in times]
+
+
+def machine_peaks(xp, quick):
+    """float32 matmul GFLOP/s (best of a few n x n products) and copy GB/s (bytes copied
+    per second of a 64 MB array, as memcpy benchmarks count)."""
+    sync = lambda: synchronize(xp)
+    n = 1024 if quick else 2048
+    a = xp.asarray(np.random.default_rng(0).random((n, n), dtype=np.float32))
+    best = min(timed(lambda: a @ a, sync) for _ in range(3 if quick else 8))
+    src = xp.ones(16 << 20, dtype=xp.float32)
+    dst = xp.empty_like(src)
+    best_copy = min(timed(lambda: xp.copyto(dst, src), sync) for _ in range(3 if quick else 8))
+    return {'matmul_gflops': 2 * n ** 3 / best / 1e9, 'copy_gbps': src.nbytes / best_copy / 1e9}
+
+
+# =========================================================================== the step
+
+def step_flops(cfg, G, m):
+    """Analytic FLOPs (2 per multiply-add, matmuls only) of one step with G tasks x m images:
+    classifier forward and backward (dw for every layer, dx for all but the first conv),
+    generator forward and backward (dW and dh of every layer)."""
+    H, W, C = cfg.image_shape
+    fwd = bwd = 0
+    for i, F in enumerate(cfg.conv_filters):
+        H, _, _ = L.conv_output_size(H, cfg.kernel, cfg.stride, cfg.padding)
+        W, _, _ = L.conv_output_size(W, cfg.kernel, cfg.stride, cfg.padding)
+        f = 2 * m * H * W * cfg.kernel * cfg.kernel * C * F
+        fwd += f
+        bwd += f if i == 0 else 2 * f
+        C = F
+    for D, F in zip((H * W * C,) + cfg.fc, cfg.fc + (1,)):
+        fwd += 2 * m * D * F
+        bwd += 4 * m * D * F
+    _, P = S.classifier_layout(cfg)
+    dims = [cfg.z_dim, *cfg.gen_hidden, P]
+    gen = sum(2 * G * a * b for a, b in zip(dims[:-1], dims[1:]))      # forward; backward is 2x
+    return {'classifier_fwd': G * fwd, 'classifier_bwd': G * bwd, 'generator': 3 * gen,
+            'total': G * (fwd + bwd) + 3 * gen}
+
+
+class Bench:
+    """A SuperNet, its optimizer and one fixed batch of G tasks x m images on device xp."""
+
+    def __init__(self, cfg, G, m, xp, seed=0):
+        r = np.random.default_rng(seed)
+        self.cfg, self.G, self.m, self.xp = cfg, G, m, xp
+        self.params = S.init_params(cfg, seed=seed, xp=xp)
+        self.opt = Optimizer('rmsprop', learning_rate=1e-4)
+        self.x = to_device(r.normal(size=(G, m) + cfg.image_shape).astype(np.float32), xp)
+        self.y = to_device((r.random((G, m)) > 0.5).astype(np.float32), xp)
+        self.tasks = np.arange(G) * (cfg.n_tasks // G)          # distinct, spread out
+
+    def step(self):
+        """The training step being benchmarked: all G tasks in one step."""
+        loss, grads, _ = S.loss_and_grads(self.params, self.x, self.y, self.tasks, self.cfg)
+        self.opt.step(self.params, grads)
+        return loss
+
+    def one_task_steps(self):
+        """The same images as G one-task steps of m images each (the comparison for mixing)."""
+        for g in range(self.G):
+            loss, grads, _ = S.loss_and_grads(self.params, self.x[g:g + 1], self.y[g:g + 1],
+                                              self.tasks[g:g + 1], self.cfg)
+            self.opt.step(self.params, grads)
+
+    def step_in_parts(self, lap):
+        """The same step as loss_and_grads + opt.step, written out layer by layer so that
+        lap(name) (called after each part) can time it. Mirrors supernet.loss_and_grads."""
+        cfg, xp, p = self.cfg, self.xp, self.params
+        tasks_dev = to_device(self.tasks, xp)
+        theta, g_cache = S.generator_forward(p['z'][tasks_dev], p, cfg)
+        weights = S.split_theta(theta, cfg)
+        lap('generator forward')
+        h, conv_caches = self.x, []
+        for i in range(1, len(cfg.conv_filters) + 1):
+            h, c_conv = L.conv_forward(h, weights[f'conv{i}.w'], weights[f'conv{i}.b'], cfg.stride, cfg.padding)
+            h, c_act = L.leaky_relu_forward(h, cfg.alpha)
+            conv_caches.append((c_conv, c_act))
+            lap(f'conv{i} forward')
+        h, c_flat = L.flatten_forward(h, keep=2)
+        fc_caches = []
+        for j in range(1, len(cfg.fc) + 1):
+            h, c_fc = L.dense_forward(h, weights[f'fc{j}.w'], weights[f'fc{j}.b'])
+            c_act = None
+            if cfg.fc_activation:
+                h, c_act = L.leaky_relu_forward(h, cfg.alpha)
+            fc_caches.append((c_fc, c_act))
+        out, c_out = L.dense_forward(h, weights['out.w'], weights['out.b'])
+        loss, dlogits = sigmoid_cross_entropy(out[..., 0], self.y)
+        g = {}
+        dh, g['out.w'], g['out.b'] = L.dense_backward(dlogits[..., None], c_out)
+        for j in range(len(cfg.fc), 0, -1):
+            c_fc, c_act = fc_caches[j - 1]
+            if c_act is not None:
+                dh = L.leaky_relu_backward(dh, c_act)
+            dh, g[f'fc{j}.w'], g[f'fc{j}.b'] = L.dense_backward(dh, c_fc)
+        dh = L.flatten_backward(dh, c_flat)
+        lap('fc forward + loss + fc backward')
+        for i in range(len(cfg.conv_filters), 0, -1):
+            c_conv, c_act = conv_caches[i - 1]
+            dh = L.leaky_relu_backward(dh, c_act)
+            dh, g[f'conv{i}.w'], g[f'conv{i}.b'] = L.conv_backward(dh, c_conv, need_dx=i > 1)
+            lap(f'conv{i} backward')
+        dtheta = S.merge_theta(g, cfg, xp, theta.dtype)
+        dZ, grads = S.generator_backward(dtheta, g_cache)
+        grads['z'] = xp.zeros_like(p['z'])
+        grads['z'][tasks_dev] = dZ
+        lap('generator backward')
+        self.opt.step(p, grads)
+        lap('optimizer (rmsprop)')
+        return loss, grads
+
+    def breakdown(self, warmup, repeats):
+        """{part: median ms} over `repeats` instrumented steps."""
+        sync = lambda: synchronize(self.xp)
+        parts = {}
+        for k in range(warmup + repeats):
+            sync()
+            last = [time.perf_counter()]
+
+            def lap(name):
+                sync()
+                now = time.perf_counter()
+                if k >= warmup:
+                    parts.setdefault(name, []).append(now - last[0])
+                last[0] = now
+            self.step_in_parts(lap)
+        return {name: 1e3 * float(np.median(t)) for name, t in parts.items()}
+
+    def peak_memory(self):
+        """Peak bytes of the numpy allocations made during one step (tracemalloc; host only),
+        the process's peak resident set so far, and the page faults of one (untraced) step:
+        a step that keeps allocating fresh memory pays for it in faults."""
+        traced = None
+        if self.xp is np:
+            tracemalloc.start()
+            self.step()
+            traced = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self.step()
+        synchronize(self.xp)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
+        return {'step_peak_mb': None if traced is None else traced / 2 ** 20, 'rss_peak_mb': rss / 2 ** 20,
+                'page_faults_per_step': faults}
+
+
+# =========================================================================== PyTorch
+
+def torch_module():
+    try:
+        import torch
+    except ImportError as e:
+        raise RuntimeError("--vs-torch needs PyTorch (pip install torch); it is not a dependency "
+                           "of supernet") from e
+    return torch
+
+
+class TorchStep:
+    """The same SuperNet step in PyTorch with autograd: generator -> tanh -> each task's
+    classifier (NHWC images and HWIO weights permuted to torch's NCHW/OIHW, TF SAME
+    padding done explicitly before a VALID conv), mean sigmoid cross-entropy, and TF1
+    RMSProp (mean square starts at 1, eps inside the sqrt) on the generator and z."""
+
+    def __init__(self, cfg, params, device='cpu', dtype=None, lr=1e-4, decay=0.9, eps=1e-10):
+        torch = self.torch = torch_module()
+        self.cfg, self.device = cfg, device
+        self.dtype = dtype or torch.float32
+        self.params = {k: torch.tensor(to_host(v), device=device, dtype=self.dtype).requires_grad_()
+                       for k, v in params.items()}
+        self.ms = {k: torch.ones_like(v) for k, v in self.params.items()}
+        self.lr, self.decay, self.eps = lr, decay, eps
+        self.layout = S.classifier_layout(cfg)[0]
+
+    def tensor(self, a):
+        return self.torch.tensor(to_host(a), device=self.device, dtype=self.dtype)
+
+    def _classifier(self, x, theta):
+        """x (m, H, W, C) NHWC, theta (P,) -> logits (m,)."""
+        F, cfg = self.torch.nn.functional, self.cfg
+        w = {k: theta[off:off + n].view(shape) for k, (off, n, shape) in self.layout.items()}
+        h = x.permute(0, 3, 1, 2)                                        # NCHW
+        for i in range(1, len(cfg.conv_filters) + 1):
+            _, pt, pb = L.conv_output_size(h.shape[2], cfg.kernel, cfg.stride, cfg.padding)
+            _, pl, pr = L.conv_output_size(h.shape[3], cfg.kernel, cfg.stride, cfg.padding)
+            h = F.pad(h, (pl, pr, pt, pb))                               # (W), then (H)
+            h = F.conv2d(h, w[f'conv{i}.w'].permute(3, 2, 0, 1), w[f'conv{i}.b'], stride=cfg.stride)
+            h = F.leaky_relu(h, cfg.alpha)
+        h = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)                # flatten in NHWC order
+        for j in range(1, len(cfg.fc) + 1):
+            h = h @ w[f'fc{j}.w'] + w[f'fc{j}.b']
+            if cfg.fc_activation:
+                h = F.leaky_relu(h, cfg.alpha)
+        return (h @ w['out.w'] + w['out.b'])[:, 0]
+
+    def loss_and_grads(self, x, y, tasks):
+        """x (G, m, H, W, C), y (G, m) torch tensors -> loss, {key: grad} (torch)."""
+        torch, cfg, p = self.torch, self.cfg, self.params
+        h = p['z'][torch.as_tensor(np.asarray(tasks), device=self.device)]
+        for l in range(1, len(cfg.gen_hidden) + 1):
+            h = torch.nn.functional.leaky_relu(h @ p[f'gen.h{l}.w'] + p[f'gen.h{l}.b'], cfg.alpha)
+        theta = h @ p['gen.out.w'] + p['gen.out.b']
+        if cfg.gen_output == 'tanh':
+            theta = torch.tanh(theta)
+        logits = torch.stack([self._classifier(x[g], theta[g]) for g in range(x.shape[0])])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        keys = list(p)
+        return loss, dict(zip(keys, torch.autograd.grad(loss, [p[k] for k in keys])))
+
+    def step(self, x, y, tasks):
+        loss, grads = self.loss_and_grads(x, y, tasks)
+        with self.torch.no_grad():
+            for k, g in grads.items():
+                ms = self.ms[k]
+                ms.mul_(self.decay).addcmul_(g, g, value=1 - self.decay)
+                self.params[k].addcdiv_(g, (ms + self.eps).sqrt_(), value=-self.lr)
+        return loss
+
+
+def torch_agreement(cfg, tasks=(1,), m=3, seed=0, corrupt=None):
+    """Our loss and gradients against PyTorch autograd's, in float64, for random non-trivial
+    parameters (random z and generator biases, weights scaled so the tanh is neither
+    saturated nor linear). Returns {'loss': rel error, key: rel error of each gradient}.
+    corrupt(grads) may alter our gradients first (to show the check can fail)."""
+    torch = torch_module()
+    r = np.random.default_rng(seed)
+    p = S.init_params(cfg, seed=seed, dtype=np.float64)
+    p['z'] = r.normal(size=p['z'].shape)
+    for k in S.generator_keys(p):
+        p[k] = r.normal(0, 0.1, size=p[k].shape) if k.endswith('.b') else p[k] * 2.0
+    x = r.normal(size=(len(tasks), m) + cfg.image_shape)
+    y = (r.random((len(tasks), m)) > 0.5).astype(np.float64)
+    loss, grads, _ = S.loss_and_grads(p, x, y, list(tasks), cfg)
+    if corrupt is not None:
+        corrupt(grads)
+    ts = TorchStep(cfg, p, dtype=torch.float64)
+    t_loss, t_grads = ts.loss_and_grads(ts.tensor(x), ts.tensor(y), list(tasks))
+    errs = {'loss': rel_error(np.asarray(float(loss)), np.asarray(float(t_loss.detach())))}
+    errs.update({k: rel_error(grads[k], t_grads[k].detach().cpu().numpy()) for k in p})
+    return errs
+
+
+# =========================================================================== driver
+
+def run(args, xp):
+    cfg = S.Config(n_tasks=98)
+    quick = args.quick
+    warmup, repeats = (1, 3) if quick else (3, 15)
+    sync = lambda: synchronize(xp)
+    res = {'machine': {'device': args.device, 'threads': blas_threads(), 'numpy': np.__version__,
+                       'python': platform.python_version(), 'cpus': os.cpu_count()},
+           'config': {'n_tasks': cfg.n_tasks, 'classifier_params': S.count_params(cfg)['classifier'],
+                      'generator_params': S.count_params(cfg)['generator'], 'warmup': warmup,
+                      'repeats': repeats},
+           'steps': [], 'breakdown': {}, 'memory': {}}
+    one = step_flops(cfg, 1, 1)
+    res['config']['flops'] = {'image_fwd': one['classifier_fwd'],
+                              'image_fwd_bwd': one['classifier_fwd'] + one['classifier_bwd'],
+                              'task_gen': one['generator']}
+    res['machine'].update(machine_peaks(xp, quick))
+    torch_dev = 'cuda' if args.device == 'gpu' else 'cpu'
+    if args.vs_torch:
+        torch = torch_module()
+        torch.set_num_threads(args.threads or blas_threads())
+        res['machine']['torch'] = torch.__version__
+        res['machine']['torch_threads'] = torch.get_num_threads()
+        tsync = (lambda: (torch.cuda.synchronize(), sync())) if torch_dev == 'cuda' else sync
+
+    shapes = [(1, b) for b in args.batches] + [tuple(args.mixed)]
+    for G, m in shapes:
+        name = f'{G}x{m}' if G > 1 else f'B={m}'
+        b = Bench(cfg, G, m, xp)
+        row = {'name': name, 'tasks': G, 'per_task': m, 'images': G * m}
+        if args.vs_torch:
+            ts = TorchStep(cfg, b.params, device=torch_dev)
+            tx, ty = ts.tensor(b.x), ts.tensor(b.y)
+            ours, theirs = median_ms([b.step, lambda: ts.step(tx, ty, b.tasks)], tsync, warmup, repeats)
+            row.update(torch_ms=theirs, speed_vs_torch=theirs / ours)
+        else:
+            ours, = median_ms([b.step], sync, warmup, repeats)
+        fl = step_flops(cfg, G, m)
+        row.update(ms=ours, images_per_s=G * m / ours * 1e3, gflop=fl['total'] / 1e9,
+                   gflops=fl['total'] / ours / 1e6)
+        row['peak_fraction'] = row['gflops'] / res['machine']['matmul_gflops']
+        row['loss_finite'] = bool(np.isfinite(float(to_host(b.step()))))
+        res['steps'].append(row)
+        res['breakdown'][name] = b.breakdown(1, max(3, repeats // 2))
+        res['memory'][name] = b.peak_memory()
+
+    # one mixed G x m step against G one-task steps of m images (the same images)
+    G, m = args.mixed
+    b = Bench(cfg, G, m, xp)
+    ms_mixed, ms_singles = median_ms([b.step, b.one_task_steps], sync, warmup, repeats)
+    res['mixed_vs_single'] = {'tasks': G, 'per_task': m, 'mixed_step_ms': ms_mixed,
+                              'one_task_steps_ms': ms_singles,
+                              'images_per_s_ratio': ms_singles / ms_mixed}
+    if args.vs_torch:
+        errs = torch_agreement(cfg, tasks=(1, 4), m=2)
+        res['torch_check'] = {'dtype': 'float64', 'max_rel_error': max(errs.values()), 'rel_errors': errs}
+    return res
+
+
+def print_table(res, out=None):
+    m = res['machine']
+    p = lambda *a: print(*a, file=out or sys.stdout)
+    p(f"machine: {m['device']}, {m['threads']} BLAS threads, numpy {m['numpy']}; float32 matmul peak "
+      f"{m['matmul_gflops']:.0f} GFLOP/s, copy {m['copy_gbps']:.1f} GB/s"
+      + (f"; torch {m['torch']} ({m['torch_threads']} threads)" if 'torch' in m else ''))
+    c = res['config']
+    p(f"step: loss_and_grads + rmsprop over {c['generator_params']:,} generator params + z, "
+      f"Config(n_tasks={c['n_tasks']}); median of {c['repeats']} after {c['warmup']} warm-up")
+    f = c['flops']
+    p(f"FLOPs (matmuls, analytic): classifier {f['image_fwd'] / 1e6:.2f} MFLOP/image forward, "
+      f"{f['image_fwd_bwd'] / 1e6:.2f} forward+backward; generator {f['task_gen'] / 1e6:.1f} MFLOP/task (fwd+bwd)")
+    vs = 'torch_ms' in res['steps'][0]
+    head = f"{'step':>8} {'images':>6} {'ms/step':>8} {'images/s':>9} {'GFLOP':>6} {'GFLOP/s':>8} {'of peak':>7}"
+    p(head + (f" {'torch ms':>9} {'torch/ours':>10}" if vs else ''))
+    for r in res['steps']:
+        line = (f"{r['name']:>8} {r['images']:>6} {r['ms']:>8.1f} {r['images_per_s']:>9.0f} {r['gflop']:>6.2f} "
+                f"{r['gflops']:>8.1f} {100 * r['peak_fraction']:>6.1f}%")
+        if vs:
+            line += f" {r['torch_ms']:>9.1f} {r['speed_vs_torch']:>10.2f}"
+        p(line)
+    mv = res['mixed_vs_single']
+    p(f"mixed: one {mv['tasks']}x{mv['per_task']} step {mv['mixed_step_ms']:.1f} ms vs {mv['tasks']} one-task steps "
+      f"of {mv['per_task']} images {mv['one_task_steps_ms']:.1f} ms (the same {mv['tasks'] * mv['per_task']} images): "
+      f"images/s ratio {mv['images_per_s_ratio']:.2f}x (target >= 2x)")
+    names = list(res['breakdown'])
+    parts = list(dict.fromkeys(k for b in res['breakdown'].values() for k in b))
+    p("per-part breakdown, ms (median):")
+    p(f"{'part':>32} " + ' '.join(f'{n:>8}' for n in names))
+    for part in parts + ['sum of parts']:
+        vals = [sum(b.values()) if part == 'sum of parts' else b.get(part, float('nan'))
+                for b in res['breakdown'].values()]
+        p(f"{part:>32} " + ' '.join(f'{v:>8.2f}' for v in vals))
+    p("peak memory of a step (numpy allocations in the step, tracemalloc; process peak RSS; page faults):")
+    for n, v in res['memory'].items():
+        numpy_mb = 'n/a' if v['step_peak_mb'] is None else f"{v['step_peak_mb']:.1f} MB"
+        p(f"{n:>8}: numpy {numpy_mb}, RSS {v['rss_peak_mb']:.0f} MB, {v['page_faults_per_step']} page faults")
+    if 'torch_check' in res:
+        t = res['torch_check']
+        worst = max(t['rel_errors'], key=t['rel_errors'].get)
+        p(f"torch oracle ({t['dtype']}): max rel. error {t['max_rel_error']:.1e} ({worst}) over loss and "
+          f"{len(t['rel_errors']) - 1} gradients: {'PASS' if t['max_rel_error'] < 1e-6 else 'FAIL'} (bound 1e-6)")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--quick', action='store_true', help='fewer repeats, smaller peak probe')
+    ap.add_argument('--threads', type=int, default=None,
+                    help='BLAS/OpenMP threads (set before numpy loads; default: the environment)')
+    ap.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
+    ap.add_argument('--vs-torch', action='store_true', help='time PyTorch side by side and check it agrees')
+    ap.add_argument('--json', metavar='PATH', help='also save the results as JSON')
+    ap.add_argument('--batches', type=int, nargs='+', default=[20, 128, 512], help='one-task batch sizes')
+    ap.add_argument('--mixed', type=int, nargs=2, default=[8, 64], metavar=('TASKS', 'PER_TASK'),
+                    help='the mixed-task step')
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads and args.threads != blas_threads():
+        print(f"bench.py: --threads {args.threads} has no effect here: BLAS was loaded with "
+              f"{blas_threads()} threads (it takes effect on the command line only)", file=sys.stderr)
+    xp = get_device_module(args.device)      # RuntimeError with a clear message if no GPU
+    res = run(args, xp)
+    print_table(res)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,196 @@
+"""bench.py: a quick run produces a well-formed table and JSON (no timing assertions), the
+instrumented step is the real step, the FLOP count, the GPU error; and, where PyTorch is
+installed, the PyTorch oracle agrees with our hand-written gradients in float64 (and a
+wrong gradient is caught). Also the blocked (many-block) conv path, which only large
+batches reach, against the one-block path and against PyTorch."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bench
+import supernet as S
+from nn import layers as L
+from nn.gradcheck import check_gradient, rel_error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _numbers(d):
+    """Every number in a nested JSON structure."""
+    if isinstance(d, dict):
+        for v in d.values():
+            yield from _numbers(v)
+    elif isinstance(d, list):
+        for v in d:
+            yield from _numbers(v)
+    elif isinstance(d, (int, float)) and not isinstance(d, bool):
+        yield d
+
+
+def test_quick_run_from_the_command_line(tmp_path):
+    path = tmp_path / 'bench.json'
+    cmd = [sys.executable, 'bench.py', '--quick', '--threads', '1', '--batches', '4', '8',
+           '--mixed', '2', '3', '--json', str(path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for text in ('GFLOP/s', 'ms/step', 'B=4', 'B=8', '2x3', 'images/s ratio', 'per-part breakdown',
+                 'conv2 backward', 'optimizer (rmsprop)', 'peak memory'):
+        assert text in out, text
+    res = json.loads(path.read_text())
+    assert res['machine']['threads'] == 1                 # --threads reached BLAS via the env
+    assert res['machine']['matmul_gflops'] > 0 and res['machine']['copy_gbps'] > 0
+    assert [s['name'] for s in res['steps']] == ['B=4', 'B=8', '2x3']
+    for s in res['steps']:
+        assert s['ms'] > 0 and s['images_per_s'] > 0 and 0 < s['peak_fraction'] and s['loss_finite']
+        assert s['images'] == s['tasks'] * s['per_task']
+        assert set(res['breakdown'][s['name']]) >= {'generator forward', 'conv1 forward', 'conv4 backward',
+                                                    'fc forward + loss + fc backward', 'generator backward',
+                                                    'optimizer (rmsprop)'}
+        assert res['memory'][s['name']]['step_peak_mb'] > 0
+    mv = res['mixed_vs_single']
+    assert mv['images_per_s_ratio'] == pytest.approx(mv['one_task_steps_ms'] / mv['mixed_step_ms'])
+    assert all(math.isfinite(v) for v in _numbers(res))
+    assert 'torch' not in res['machine'] and 'torch_check' not in res
+
+
+def test_step_in_parts_is_the_real_step():
+    """The breakdown times the same computation as loss_and_grads, bit for bit."""
+    cfg = S.Config(n_tasks=98)
+    b = bench.Bench(cfg, 2, 3, np)
+    loss, grads, _ = S.loss_and_grads(b.params, b.x, b.y, b.tasks, cfg)
+    laps = []
+    loss2, grads2 = b.step_in_parts(laps.append)
+    assert float(loss) == float(loss2)
+    assert set(grads) == set(grads2)
+    for k in grads:
+        assert np.array_equal(grads[k], grads2[k]), k
+    assert laps[0] == 'generator forward' and laps[-1] == 'optimizer (rmsprop)' and len(laps) == 12
+
+
+def test_flop_count_of_the_original_classifier():
+    cfg = S.Config()
+    f = bench.step_flops(cfg, 1, 1)
+    conv = 2 * (16 * 16 * 75 * 16 + 8 * 8 * 400 * 16 + 4 * 4 * 400 * 16 + 2 * 2 * 400 * 16)
+    fc = 2 * (64 * 100 + 100 * 100 + 100 * 1)
+    assert f["classifier_fwd"] == conv + fc == 1722600
+    first = 2 * 16 * 16 * 75 * 16                       # conv1 needs no input gradient
+    assert f['classifier_bwd'] == 2 * conv - first + 2 * fc
+    assert f['generator'] == 3 * 2 * 100 * 37165
+    assert bench.step_flops(cfg, 8, 64)['total'] == 8 * 64 * (f['classifier_fwd'] + f['classifier_bwd']) + 8 * f['generator']
+
+
+def test_gpu_request_fails_clearly():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip('cupy is installed')
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match='needs CuPy'):
+        bench.main(['--device', 'gpu', '--quick'])
+
+
+def test_threads_flag_is_read_before_numpy():
+    assert bench._flag_value(['--quick', '--threads', '3'], '--threads') == '3'
+    assert bench._flag_value(['--threads=2'], '--threads') == '2'
+    assert bench._flag_value(['--quick'], '--threads') is None
+
+
+# --------------------------------------------------------------------------- conv paths
+# The benchmark's shapes take conv paths the small layer tests barely reach: many image
+# blocks (large batches, CPU) and dw from the windows of d (F <= C, conv2-4).
+
+CONV_PATH_CASES = [  # x, w, pad, stride
+    ((2, 5, 9, 9, 3), (2, 5, 5, 3, 4), 'SAME', 2),        # F > C: dw from im2col(x)
+    ((2, 3, 8, 8, 4), (2, 5, 5, 4, 4), 'SAME', 2),        # F = C: dw from the windows of d
+    ((5, 8, 7, 3), (3, 2, 3, 2), ((0, 1), (2, 0)), 1),    # F < C, stride 1, asymmetric padding
+    ((4, 9, 9, 4), (2, 2, 4, 3), 'VALID', 3),             # stride > kernel: pixels no tap reaches
+]
+
+
+@pytest.mark.parametrize('case', CONV_PATH_CASES)
+def test_conv_paths_gradcheck(case):
+    shape_x, shape_w, pad, stride = case
+    r = np.random.default_rng(3)
+    x, w = r.normal(size=shape_x), r.normal(size=shape_w)
+    b = r.normal(size=shape_w[:-4] + shape_w[-1:])
+    out, cache = L.conv_forward(x, w, b, stride, pad)
+    dout = r.normal(size=out.shape)
+    dx, dw, db = L.conv_backward(dout, cache)
+    f = lambda: L.conv_forward(x, w, b, stride, pad)[0]
+    for arr, grad in [(x, dx), (w, dw), (b, db)]:
+        assert check_gradient(f, arr, grad, dout) < 1e-6
+    _, dw2, db2 = L.conv_backward(dout, cache, need_dx=False)
+    assert np.array_equal(dw, dw2) and np.array_equal(db, db2)
+
+
+@pytest.mark.parametrize('case', CONV_PATH_CASES)
+def test_blocked_conv_equals_one_block(monkeypatch, case):
+    """Large batches run the conv in many image blocks (CPU); small ones (the gradient
+    checks) in one. Both must give the same numbers, grouped and not."""
+    r = np.random.default_rng(0)
+    for shape_x, shape_w, pad, stride in [case]:
+        x, w = r.normal(size=shape_x), r.normal(size=shape_w)
+        b = r.normal(size=shape_w[:-4] + shape_w[-1:])
+        results = []
+        for block_bytes in (1 << 40, 1):                # one block; one image per block
+            monkeypatch.setattr(L, '_BLOCK_BYTES', block_bytes)
+            out, cache = L.conv_forward(x, w, b, stride, pad)
+            dout = np.random.default_rng(1).normal(size=out.shape)
+            results.append((out,) + L.conv_backward(dout, cache))
+        for a, e in zip(*results):
+            assert rel_error(a, e) < 1e-13
+
+
+# --------------------------------------------------------------------------- PyTorch oracle
+
+def _torch_or_skip():
+    return pytest.importorskip('torch')
+
+
+@pytest.mark.parametrize('cfg_kw,tasks', [
+    (dict(n_tasks=5), (1, 4)),                                            # the original, mixed step
+    (dict(image_shape=(9, 7, 3), conv_filters=(3, 4), kernel=3, stride=2, fc=(5, 4), z_dim=6, n_tasks=4,
+          gen_hidden=(7,), fc_activation=True), (2,)),                    # odd sizes, hidden layer
+    (dict(image_shape=(8, 8, 2), conv_filters=(3,), kernel=5, stride=1, fc=(5,), z_dim=6, n_tasks=4,
+          gen_output='linear'), (0, 3)),                                  # stride 1, linear output
+])
+def test_torch_oracle_agrees_in_float64(cfg_kw, tasks):
+    _torch_or_skip()
+    errs = bench.torch_agreement(S.Config(**cfg_kw), tasks=tasks, m=3, seed=2)
+    assert max(errs.values()) < 1e-6, errs
+    assert set(errs) == {'loss'} | set(S.init_params(S.Config(**cfg_kw)))
+
+
+def test_torch_oracle_catches_a_wrong_gradient():
+    _torch_or_skip()
+    cfg = S.Config(n_tasks=5)
+
+    def corrupt(grads):          # a wrong conv backward would show up like this in dtheta
+        grads['gen.out.w'][:, :75] *= 1.01
+    errs = bench.torch_agreement(cfg, tasks=(1,), m=2, corrupt=corrupt)
+    assert errs['gen.out.w'] > 1e-4 and errs['loss'] < 1e-12
+
+
+def test_torch_oracle_agrees_on_the_blocked_path(monkeypatch):
+    _torch_or_skip()
+    monkeypatch.setattr(L, '_BLOCK_BYTES', 1)
+    errs = bench.torch_agreement(S.Config(n_tasks=5), tasks=(0, 2), m=3, seed=4)
+    assert max(errs.values()) < 1e-6, errs
+
+
+def test_vs_torch_quick_run(tmp_path, capsys):
+    _torch_or_skip()
+    res = bench.main(['--quick', '--vs-torch', '--batches', '4', '--mixed', '2', '2',
+                      '--json', str(tmp_path / 'b.json')])
+    out = capsys.readouterr().out
+    assert 'torch/ours' in out and 'torch oracle' in out
+    for s in res['steps']:
+        assert s['torch_ms'] > 0 and s['speed_vs_torch'] == pytest.approx(s['torch_ms'] / s['ms'])
+    assert res['torch_check']['max_rel_error'] < 1e-6
+    assert json.loads((tmp_path / 'b.json').read_text())['torch_check']['dtype'] == 'float64'
