@@ -180,11 +180,12 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
     keys: the trainable parameter keys (the optimizer sees only these)
     eval_fn(params) -> dict of held-out figures, evaluated at step 0, every eval_every
                        steps and at the end; rows go into the returned curve
-    returns the curve: [{'step', 'train_loss', 'train_acc', 'images_per_s', ...eval}]
+    returns the curve: [{'step', 'train_loss', 'train_acc', 'images_per_s', 'elapsed_s'
+                         (training time so far, summed over resumes), ...eval}]
     """
     rng = np.random.default_rng([seed, _stable_hash(name)])
     ckpt = run.ckpt(name)
-    start, curve, resumed_window = 0, [], None
+    start, curve, resumed_window, elapsed0 = 0, [], None, 0.0
     xp = get_xp(*params.values())
     if os.path.exists(ckpt):
         saved, opt_state, meta = S.load_checkpoint(ckpt, cfg=cfg, params_like=params, xp=xp)
@@ -195,26 +196,29 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
         rng.bit_generator.state = extra['rng']
         start, curve = extra['step'], extra['curve']
         resumed_window = extra.get('window')
+        elapsed0 = extra.get('elapsed_s', 0.0)
         run.log(f"[{name}] resumed at step {start}/{steps}")
 
     def save(step, window=None):
         """window: the running sums of the current log interval, when stopping between
         boundaries (kept exactly, so the resumed curve equals an uninterrupted one)."""
-        extra = {'step': step, 'rng': rng.bit_generator.state, 'curve': curve}
+        extra = {'step': step, 'rng': rng.bit_generator.state, 'curve': curve,
+                 'elapsed_s': elapsed0 + time.perf_counter() - t0}
         if window is not None:
             extra['window'] = [_exact(window[0]), _exact(window[1])] + list(window[2:])
         S.save_checkpoint(ckpt, params, cfg, optimizer, extra=extra)
 
     def record(step, tr_loss, tr_acc, ips):
-        row = {'step': step, 'train_loss': tr_loss, 'train_acc': tr_acc, 'images_per_s': ips}
+        row = {'step': step, 'train_loss': tr_loss, 'train_acc': tr_acc, 'images_per_s': ips,
+               'elapsed_s': elapsed0 + time.perf_counter() - t0}
         if eval_fn is not None and (step == 0 or step == steps or (eval_every and step % eval_every == 0)):
             row.update(eval_fn(params))
         curve.append(row)
         return row
 
+    t0, t_last, n_img = time.perf_counter(), time.perf_counter(), 0
     if start == 0 and not curve:
         record(0, None, None, None)
-    t0, t_last, n_img = time.perf_counter(), time.perf_counter(), 0
     run_loss, run_correct, run_n, last_step = 0.0, 0.0, 0, start
     if resumed_window is not None:
         run_loss, run_correct = (_unexact(v, xp) for v in resumed_window[:2])
@@ -421,12 +425,11 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
 
     ev, lg, ck = intervals(args, args.steps)
     opt = make_optimizer(args)
-    t0 = time.perf_counter()
     curve = train_stage(run, 'phase1', params, cfg, supernet_step(cfg, rows),
                           task_sampler(taskset, train_ids, args.tasks_per_step, args.batch, xp),
                           args.steps, opt, keys=None, seed=args.seed, eval_fn=eval_fn,
                           eval_every=ev, log_every=lg, ckpt_every=ck)
-    wall = time.perf_counter() - t0
+    wall = curve[-1]['elapsed_s']            # summed over interruptions and resumes
     run.log('[phase1] evaluating every training task ...')
     per_task = {}
     for t in train_ids:
@@ -539,13 +542,12 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
             raise SystemExit(f"error: unknown method {method!r} in --methods")
         before = {k: v.copy() for k, v in gen.items()} if method == 'z_only' else None
         opt = make_optimizer(args, lr=lr)
-        t0 = time.perf_counter()
         curve = train_stage(run, stage, p, ccfg if method != 'whole_network' else cfg, step, sampler,
                               args.adapt_steps, opt, keys=keys, seed=args.seed * 1000 + h, eval_fn=eval_fn,
                               eval_every=ev, log_every=lg, ckpt_every=ck)
         res = {'test_loss': curve[-1]['test_loss'], 'test_acc': curve[-1]['test_acc'],
                'train_acc_last': curve[-1]['train_acc'], 'trainable': trainable,
-               'wall_s': time.perf_counter() - t0, 'curve': curve}
+               'wall_s': curve[-1]['elapsed_s'], 'curve': curve}
         if before is not None:      # the claim "frozen" is measured, not assumed
             res['generator_unchanged'] = all(bool((before[k] == gen[k]).all()) for k in gen)
             if not res['generator_unchanged']:
