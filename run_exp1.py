@@ -53,10 +53,11 @@ def apply_quick(args, argv):
 
 
 def write_results(run, args, counts, phase1_summary, adapt_results, wall):
-    methods = ['control_z0', 'control_zmean', 'control_znew', 'z_only', 'whole_network', 'finetune', 'ke',
-               'ke_slim']
+    methods = ['control_z0', 'control_zmean', 'control_zother', 'control_znew', 'z_only', 'whole_network',
+               'finetune', 'ke', 'ke_slim']
     labels = {'control_z0': 'control: z = 0 (no training)',
               'control_zmean': 'control: z = mean of learned z (no training)',
+              'control_zother': "control: another task's learned z (mean over the training tasks, no training)",
               'control_znew': f'control: initial new z ({args.new_z}, no training)',
               'z_only': 'z only, generator frozen', 'whole_network': 'whole network from scratch',
               'finetune': 'fine-tune generator + z',
@@ -86,7 +87,7 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
                     'mean_acc': float(np.mean(accs)), 'trainable': vals[0]['trainable']}
         cells = ' | '.join(f"{v['test_acc']:.3f} ({v['test_loss']:.3f})" for v in vals)
         lines.append(f"| {labels[m]} | {vals[0]['trainable']:,} | {cells} | {np.mean(accs):.3f} |")
-    lines += ['', f"Total wall time {wall:.0f} s."]
+    lines += ['', f"Total wall time {wall:.0f} s, peak memory {T.peak_rss_mb():.0f} MB (RSS)."]
     with open(os.path.join(run.path, 'results.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     run.write_csv('phase1_curve.csv', phase1_summary['curve'])
@@ -105,7 +106,7 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
                'phase1': {k: v for k, v in phase1_summary.items() if k != 'curve'},
                'adapt': {str(h): {m: {k: v for k, v in r.items() if k != 'curve'} for m, r in res.items()}
                          for h, res in adapt_results.items()},
-               'table': table, 'wall_s': wall, 'plots': plotted}
+               'table': table, 'wall_s': wall, 'plots': plotted, 'peak_rss_mb': T.peak_rss_mb()}
     run.write_json('summary.json', summary)
     run.log('\n'.join(lines))
     if not plotted:

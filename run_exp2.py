@@ -93,6 +93,7 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
                   '| method | trainable params | ' + ' | '.join(f'task {h}' for h in adapt_results) + ' |',
                   '|---|---|' + '---|' * len(adapt_results)]
         names = {'control_z0': 'control: z = 0', 'control_zmean': 'control: z = mean of learned z',
+                 'control_zother': "control: another task's learned z (mean over tasks)",
                  'control_znew': f'control: initial new z ({args.new_z})', 'z_only': 'z only, generator frozen',
                  'whole_network': 'whole network from scratch', 'finetune': 'fine-tune generator + z'}
         for m in names:
@@ -101,7 +102,7 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
                 continue
             lines.append(f"| {names[m]} | {vals[0]['trainable']:,} | " +
                          ' | '.join(f"{v['test_acc']:.3f} ({v['test_loss']:.3f})" for v in vals) + ' |')
-    lines += ['', f"Total wall time {wall:.0f} s."]
+    lines += ['', f"Total wall time {wall:.0f} s, peak memory {T.peak_rss_mb():.0f} MB (RSS)."]
     with open(os.path.join(run.path, 'results.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     run.write_csv('phase1_curve.csv', p1['curve'])
@@ -120,7 +121,8 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
                'phase1': {k: v for k, v in p1.items() if k != 'curve'}, 'table': table,
                'z_swap': {str(t): v for t, v in swap.items()},
                'adapt': {str(h): {m: {k: v for k, v in r.items() if k != 'curve'} for m, r in res.items()}
-                         for h, res in adapt_results.items()}, 'wall_s': wall, 'plots': plotted}
+                         for h, res in adapt_results.items()}, 'wall_s': wall, 'plots': plotted,
+               'peak_rss_mb': T.peak_rss_mb()}
     run.write_json('summary.json', summary)
     run.log('\n'.join(lines))
     if not plotted:

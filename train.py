@@ -265,6 +265,12 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
     return curve
 
 
+def peak_rss_mb():
+    """Peak resident memory of this process so far, in MB."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _exact(v):
     """A running sum (Python float or 0-d device array) as JSON, exactly."""
     if isinstance(v, float):
@@ -398,7 +404,8 @@ def add_adapt_args(g):
     g.add_argument('--baseline-lr', type=float, default=1e-3, help='whole-network learning rate (default 1e-3)')
     g.add_argument('--finetune-lr', type=float, default=None, help='generator fine-tuning learning rate (default: --lr)')
     g.add_argument('--methods', default='z_only,whole_network,finetune',
-                   help='phase-2 methods to run (comma list of z_only, whole_network, finetune, ke)')
+                   help="phase-2 methods to run (comma list of z_only, whole_network, finetune, ke; "
+                        "'none' = only the untrained controls)")
     g.add_argument('--ke-generations', type=int, default=5,
                    help='Knowledge Evolution (method ke): generations of --adapt-steps each (default 5)')
     g.add_argument('--ke-split', type=float, default=0.5, help='Knowledge Evolution split rate s (default 0.5)')
@@ -490,11 +497,18 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
     for name, z in [('control_z0', xp.zeros_like(z_mean)), ('control_zmean', z_mean)]:
         loss, acc = evaluate(supernet_logits_fn(params, cfg, z), taskset, h, 'test', xp)
         results[name] = {'test_loss': loss, 'test_acc': acc, 'trainable': 0}
+    # borrowing a trained task's network: every training task's z on the held-out task
+    # (all Experiment-1 tasks share class 99 as label 1, so some transfer is expected)
+    other = [evaluate(supernet_logits_fn(params, cfg, params['z'][r]), taskset, h, 'test', xp)
+             for r in range(params['z'].shape[0])]
+    results['control_zother'] = {'test_loss': float(np.mean([o[0] for o in other])),
+                                 'test_acc': float(np.mean([o[1] for o in other])),
+                                 'test_acc_best': float(np.max([o[1] for o in other])), 'trainable': 0}
     z0 = new_z(args, cfg, params, n_train, j, xp)
     loss, acc = evaluate(supernet_logits_fn(params, cfg, z0), taskset, h, 'test', xp)
     results['control_znew'] = {'test_loss': loss, 'test_acc': acc, 'trainable': 0}
     counts = S.count_params(cfg)
-    for method in [m.strip() for m in args.methods.split(',') if m.strip()]:
+    for method in [m.strip() for m in args.methods.split(',') if m.strip() not in ('', 'none')]:
         stage = f'adapt/T{h}/{method}'
         if run.done(stage):
             results[method] = run.state['stages'][stage]

@@ -52,7 +52,9 @@ def test_exp1_end_to_end(tiny_cifar_dir, straight_exp1):
     assert s['param_counts']['generator'] == 37165 * 101
     for h in ('97', '98'):
         a = s['adapt'][h]
-        assert set(a) == {'control_z0', 'control_zmean', 'control_znew', 'z_only', 'whole_network', 'finetune'}
+        assert set(a) == {'control_z0', 'control_zmean', 'control_zother', 'control_znew', 'z_only',
+                          'whole_network', 'finetune'}
+        assert a['control_zother']['test_acc'] <= a['control_zother']['test_acc_best'] <= 1.0
         assert a['z_only']['generator_unchanged'] is True
         assert a['z_only']['trainable'] == 100
         assert a['whole_network']['trainable'] == 37165
