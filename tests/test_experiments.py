@@ -34,7 +34,7 @@ def _strip_times(obj):
     """Drop wall-clock fields (they differ between any two runs)."""
     if isinstance(obj, dict):
         return {k: _strip_times(v) for k, v in obj.items()
-                if k not in ('wall_s', 'elapsed_s', 'images_per_s', 'config', 'plots')}
+                if k not in ('wall_s', 'elapsed_s', 'images_per_s', 'config', 'plots', 'peak_rss_mb')}
     if isinstance(obj, list):
         return [_strip_times(v) for v in obj]
     return obj
