@@ -197,3 +197,17 @@ def test_exp1_with_hypernetwork_and_knowledge_evolution(tiny_cifar_dir, tmp_path
     assert 0 < a['ke']['slim_params'] < 37165
     md = (out / 'results.md').read_text()
     assert "Ha et al.'s hypernetwork frozen" in md and 'Knowledge Evolution (kels' in md and 'slim' in md
+
+
+def test_plots_are_optional(tmp_path, monkeypatch):
+    import sys
+    curves = {'a': [{'step': 0, 'test_acc': 0.5}, {'step': 10, 'test_acc': 0.8}]}
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)          # as if not installed
+    assert T.plot_curves(str(tmp_path / 'no.png'), 't', curves) is False
+    assert not (tmp_path / 'no.png').exists()
+    monkeypatch.undo()
+    pytest.importorskip('matplotlib')
+    assert T.plot_curves(str(tmp_path / 'yes.png'), 't', curves) is True
+    from PIL import Image
+    with Image.open(tmp_path / 'yes.png') as im:
+        assert im.size[0] > 100 and im.size[1] > 100
