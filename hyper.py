@@ -315,50 +315,24 @@ def hyper_backward(dtheta, cache, need_param_grads=True):
 
 # =========================================================================== loss
 
-def hyper_loss_and_grads(params, x, y, tasks, cfg, hcfg, need_gen_grads=True, Z=None):
-    """One step's loss and every gradient, by hand (the contract of supernet.loss_and_grads).
+def as_supernet_config(cfg, hcfg):
+    """The supernet.Config that selects this hypernetwork (generator='hyper'), so that
+    supernet.loss_and_grads / forward_from_z / train.supernet_logits_fn run it."""
+    return S.Config.from_dict({**cfg.to_dict(), 'generator': 'hyper', 'hyper_nz': hcfg.nz,
+                               'hyper_d': hcfg.d, 'hyper_chunk': hcfg.chunk, 'gen_output': hcfg.output})
 
-    params: {'gen.*': ..., 'z': (n_tasks, z_dim)}
-    x:      (G, m, H, W, C) images, group g from task tasks[g]
-    y:      (G, m) 0/1 labels
-    tasks:  (G,) distinct task ids (host ints), rows of params['z']
-    need_gen_grads: False in z-only mode (only the 'z' gradient is returned)
-    Z:      optional (G, z_dim) task vectors to use instead of params['z'][tasks]
-            (then no 'z' gradient is returned; 'Z' is, for the caller)
-    returns loss (0-d array), grads {key: array}, logits (G, m)
-    """
-    xp = get_xp(x, params['gen.hyp.W_out'])
-    tasks = np.asarray(tasks, dtype=np.int64).reshape(-1)
-    if x.ndim != 5 or x.shape[0] != len(tasks) or y.shape != x.shape[:2]:
-        raise ValueError(f"hyper_loss_and_grads: x {tuple(x.shape)}, y {tuple(y.shape)} and {len(tasks)} "
-                         "tasks do not match: expected x (G, m, H, W, C), y (G, m), tasks (G,)")
-    if len(np.unique(tasks)) != len(tasks):
-        raise ValueError("hyper_loss_and_grads: tasks must be distinct (group the batch with group_batch)")
-    use_table = Z is None
-    if use_table:
-        Z = params['z'][to_device(tasks, xp)]                     # (G, z_dim)
-    theta, h_cache = hyper_forward(Z, params, cfg, hcfg)          # (G, P)
-    weights = S.split_theta(theta, cfg)
-    logits, c_cache = S.classifier_forward(x, weights, cfg)
-    loss, dlogits = sigmoid_cross_entropy(logits, y)
-    dweights = S.classifier_backward(dlogits, c_cache)
-    dtheta = S.merge_theta(dweights, cfg, xp, theta.dtype)
-    dZ, grads = hyper_backward(dtheta, h_cache, need_param_grads=need_gen_grads)
-    if use_table:
-        dz = xp.zeros_like(params['z'])
-        dz[to_device(tasks, xp)] = dZ                             # tasks are distinct
-        grads['z'] = dz
-    else:
-        grads['Z'] = dZ
-    return loss, grads, logits
+
+def hyper_loss_and_grads(params, x, y, tasks, cfg, hcfg, need_gen_grads=True, Z=None):
+    """One step's loss and every gradient, by hand: supernet.loss_and_grads with this
+    hypernetwork as the generator (same arguments and returns: loss, grads incl. 'z', logits)."""
+    return S.loss_and_grads(params, x, y, tasks, as_supernet_config(cfg, hcfg),
+                            need_gen_grads=need_gen_grads, Z=Z)
 
 
 def hyper_loss(params, x, y, tasks, cfg, hcfg):
-    """The loss of hyper_loss_and_grads alone (forward only; for finite differences)."""
+    """The loss alone (forward only; for finite differences)."""
     Z = params['z'][to_device(np.asarray(tasks, dtype=np.int64), get_xp(x))]
-    theta, _ = hyper_forward(Z, params, cfg, hcfg)
-    logits, _ = S.classifier_forward(x, S.split_theta(theta, cfg), cfg)
-    return sigmoid_cross_entropy(logits, y)[0]
+    return sigmoid_cross_entropy(S.forward_from_z(params, Z, x, as_supernet_config(cfg, hcfg)), y)[0]
 
 
 def hyper_logits_fn(params, cfg, hcfg, z):
