@@ -22,7 +22,6 @@ import time
 import numpy as np
 
 import data as D
-import supernet as S
 import train as T
 from nn.backend import get_device_module
 
@@ -164,12 +163,9 @@ def main(argv=None):
         taskset = D.TaskSet(ds, tasks)
         holdout = D.parse_task_range(args.holdout, len(tasks))
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
-        cfg = T.model_config(args, n_tasks=len(train_ids))
-        counts = S.count_params(cfg)
         run.log(f"Experiment 1 on {args.data_label} "
                 f"({len(ds.train_y)} train / {len(ds.test_y)} test images), device {args.device}")
-        run.log(f"parameters: classifier {counts['classifier']:,} (generated), generator "
-                f"{counts['generator']:,}, z {counts['z_per_task']} per task x {cfg.n_tasks} tasks")
+        cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         adapt_results = {}
         for j, h in enumerate(holdout):
@@ -177,11 +173,7 @@ def main(argv=None):
         write_results(run, args, counts, p1, adapt_results, time.perf_counter() - t_start)
         return 0
 
-    try:
-        return T.main_guard(body)
-    except (D.DataError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return T.main_guard(body)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,6 @@ import time
 import numpy as np
 
 import data as D
-import supernet as S
 import train as T
 from nn.backend import get_device_module
 
@@ -151,12 +150,9 @@ def main(argv=None):
             raise SystemExit(f"error: --holdout-pair must be in 0..{N_PAIRS - 1} (or -1), got {args.holdout_pair}")
         holdout = [] if args.holdout_pair < 0 else [args.holdout_pair, args.holdout_pair + N_PAIRS]
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
-        cfg = T.model_config(args, n_tasks=len(train_ids))
-        counts = S.count_params(cfg)
         run.log(f"Experiment 2 on {args.data_label}, {len(train_ids)} training "
                 f"tasks, held out {holdout or 'none'}, device {args.device}")
-        run.log(f"parameters: classifier {counts['classifier']:,} (generated), generator "
-                f"{counts['generator']:,}, z {counts['z_per_task']} per task x {cfg.n_tasks} tasks")
+        cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         rows = {t: i for i, t in enumerate(train_ids)}
         swap = z_swap(params, cfg, taskset, train_ids, rows, xp)
@@ -165,11 +161,7 @@ def main(argv=None):
         write_results(run, args, counts, p1, swap, adapt_results, time.perf_counter() - t_start)
         return 0
 
-    try:
-        return T.main_guard(body)
-    except (D.DataError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return T.main_guard(body)
 
 
 if __name__ == '__main__':

@@ -571,13 +571,23 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
     return results
 
 
+def setup_model(run, args, n_train):
+    """The model config of a run, its parameter counts logged (the counts the README states)."""
+    cfg = model_config(args, n_tasks=n_train)
+    counts = S.count_params(cfg)
+    run.log(f"parameters: classifier {counts['classifier']:,} (generated), generator "
+            f"{counts['generator']:,}, z {counts['z_per_task']} per task x {cfg.n_tasks} tasks")
+    return cfg, counts
+
+
 def main_guard(fn):
     """Run fn(), turning our errors into one clear line and the right exit code."""
+    from data import DataError
     try:
         return fn()
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (TrainingDiverged, S.CheckpointError) as e:
+    except (TrainingDiverged, S.CheckpointError, DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -173,7 +173,6 @@ def test_cli_help(mod, capsys):
 
 
 def test_gpu_request_without_cupy_is_a_clear_error(tiny_cifar_dir, tmp_path, capsys):
-    pytest.importorskip  # noqa: B018  (documenting intent: this is the no-GPU path)
     try:
         import cupy  # noqa: F401
         pytest.skip('cupy installed')
