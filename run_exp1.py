@@ -34,7 +34,7 @@ def build_parser():
     g.add_argument('--holdout', default='98', help="held-out task(s), e.g. '98' (default) or '94-98'")
     T.add_adapt_args(g)
     g.add_argument('--aggregate', nargs='+', metavar='RUN_DIR',
-                   help='(first argument) print mean +- std over finished runs (e.g. two seeds) and exit')
+                   help='print mean +- std over finished runs (e.g. two seeds) and exit, training nothing')
     g.add_argument('--eval-tasks', type=int, default=10,
                    help='training tasks evaluated during phase 1 (all of them at the end; default 10)')
     return p
@@ -43,12 +43,12 @@ def build_parser():
 QUICK = dict(synthetic_train=60, synthetic_test=20, steps=600, adapt_steps=150, holdout='97-98', lr=1e-3)
 
 
-def apply_quick(args, argv):
-    if not args.quick:
-        return
-    for k, v in QUICK.items():
-        if f"--{k.replace('_', '-')}" not in ' '.join(argv):
-            setattr(args, k, v)
+def parse(argv):
+    """--quick changes the defaults only: options given on the command line still win."""
+    parser = build_parser()
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
+    return parser.parse_args(argv)
 
 
 def write_results(run, args, counts, phase1_summary, adapt_results, wall):
@@ -145,12 +145,9 @@ def aggregate(dirs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['--aggregate']:
-        if len(argv) < 2:
-            raise SystemExit('usage: run_exp1.py --aggregate RUN_DIR [RUN_DIR ...]')
-        return aggregate(argv[1:])
-    args = build_parser().parse_args(argv)
-    apply_quick(args, argv)
+    args = parse(argv)
+    if args.aggregate:
+        return aggregate(args.aggregate)
 
     def body():
         t_start = time.perf_counter()
@@ -165,6 +162,7 @@ def main(argv=None):
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         run.log(f"Experiment 1 on {args.data_label} "
                 f"({len(ds.train_y)} train / {len(ds.test_y)} test images), device {args.device}")
+        T.validate_args(args, len(train_ids), len(holdout))
         cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         adapt_results = {}

@@ -131,11 +131,10 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            if f"--{k.replace('_', '-')}" not in argv:
-                setattr(args, k, v)
+    parser = build_parser()
+    if parser.parse_known_args(argv)[0].quick:      # --quick changes defaults; given options win
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
 
     def body():
         t_start = time.perf_counter()
@@ -152,6 +151,7 @@ def main(argv=None):
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         run.log(f"Experiment 2 on {args.data_label}, {len(train_ids)} training "
                 f"tasks, held out {holdout or 'none'}, device {args.device}")
+        T.validate_args(args, len(train_ids), len(holdout))
         cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         rows = {t: i for i, t in enumerate(train_ids)}

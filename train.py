@@ -44,9 +44,10 @@ class RunDir:
         if resume and os.path.exists(self.state_path):
             with open(self.state_path) as f:
                 self.state = json.load(f)
-        elif not resume and os.path.exists(self.state_path):
-            raise SystemExit(f"error: {path} already holds a run (state.json). Use --resume to continue "
-                             "it, or choose another --out.")
+        elif not resume and (os.path.exists(self.state_path) or
+                             (os.path.isdir(os.path.join(path, 'ckpt')) and os.listdir(os.path.join(path, 'ckpt')))):
+            raise SystemExit(f"error: {path} already holds a run (state.json or checkpoints). Use --resume to "
+                             "continue it, or choose another --out.")
         self.log_file = open(os.path.join(path, 'log.txt'), 'a')
 
     def log(self, msg):
@@ -62,8 +63,12 @@ class RunDir:
         return stage in self.state.get('stages', {})
 
     def finish(self, stage, result):
+        """Record a finished stage; only then is its checkpoint deleted, so an interruption
+        anywhere before (the final evaluation included) loses nothing."""
         self.state.setdefault('stages', {})[stage] = result
         self.write_json('state.json', self.state)
+        if os.path.exists(self.ckpt(stage)):
+            os.remove(self.ckpt(stage))
 
     def write_json(self, name, obj):
         p = os.path.join(self.path, name)
@@ -189,6 +194,11 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
     xp = get_xp(*params.values())
     if os.path.exists(ckpt):
         saved, opt_state, meta = S.load_checkpoint(ckpt, cfg=cfg, params_like=params, xp=xp)
+        mo = meta.get('optimizer') or {}
+        if (mo.get('rule'), mo.get('hyper')) != (optimizer.rule, optimizer.hyper):
+            raise S.CheckpointError(
+                f"checkpoint {ckpt} was trained with optimizer {mo.get('rule')} {mo.get('hyper')}, this run asks "
+                f"for {optimizer.rule} {optimizer.hyper}: resume with the same --optimizer and learning rates")
         for k in params:
             params[k][...] = saved[k]
         optimizer.load_state_arrays(opt_state, to_device=lambda a: to_device(a, xp))
@@ -260,8 +270,8 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
                 save(step, (run_loss, run_correct, run_n, n_img, last_step))
                 raise Interrupted(f"[{name}] interrupted at step {step}; checkpoint saved to {ckpt}. "
                                   "Run the same command with --resume to continue.")
-    if os.path.exists(ckpt):
-        os.remove(ckpt)
+    if start < steps:
+        save(steps)          # the finished stage, kept until run.finish records its results
     return curve
 
 
@@ -351,7 +361,9 @@ def add_common_args(p, default_out):
     g = p.add_argument_group('model')
     g.add_argument('--z-dim', type=int, default=100)
     g.add_argument('--gen-hidden', type=str, default='', help="generator hidden widths, e.g. '256,256' (default none, as the original)")
-    g.add_argument('--gen-output', choices=['tanh', 'linear'], default='tanh')
+    g.add_argument('--gen-output', choices=['tanh', 'linear'], default=None,
+                   help="generator output: 'tanh' (default for the dense generator, bounds the weights) or "
+                        "'linear' (default for --generator hyper, as Ha et al.)")
     g.add_argument('--gen-init', choices=['classifier', 'original'], default='classifier')
     g.add_argument('--fc-activation', action='store_true', help='leaky ReLU between the fc layers (the original has none)')
     g.add_argument('--generator', choices=['dense', 'hyper'], default='dense',
@@ -387,7 +399,8 @@ def intervals(args, steps):
 
 def model_config(args, n_tasks):
     hidden = tuple(int(v) for v in args.gen_hidden.split(',') if v.strip())
-    return S.Config(z_dim=args.z_dim, n_tasks=n_tasks, gen_hidden=hidden, gen_output=args.gen_output,
+    out = args.gen_output or ('linear' if args.generator == 'hyper' else 'tanh')
+    return S.Config(z_dim=args.z_dim, n_tasks=n_tasks, gen_hidden=hidden, gen_output=out,
                     gen_init=args.gen_init, fc_activation=args.fc_activation, generator=args.generator,
                     hyper_nz=args.hyper_nz, hyper_d=args.hyper_d)
 
@@ -419,7 +432,7 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     params = S.init_params(cfg, seed=args.seed, xp=xp)
     final = os.path.join(run.path, 'phase1.npz')
     if not run.done('phase1') and getattr(args, 'phase1_from', None):
-        _import_phase1(run, args.phase1_from, final, train_ids)
+        _import_phase1(run, args.phase1_from, final, train_ids, cfg)
     if run.done('phase1'):
         saved, _, _ = S.load_checkpoint(final, cfg=cfg, params_like=params, xp=xp)
         run.log(f"[phase1] done already: loaded {final}")
@@ -457,7 +470,7 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     return params, summary
 
 
-def _import_phase1(run, src, final, train_ids):
+def _import_phase1(run, src, final, train_ids, cfg):
     """Reuse the finished phase 1 of another run directory (same model, same tasks)."""
     import shutil
     try:
@@ -467,6 +480,7 @@ def _import_phase1(run, src, final, train_ids):
         raise SystemExit(f"error: --phase1-from {src}: no finished phase 1 there ({e})")
     if sorted(int(t) for t in p1['per_task']) != sorted(train_ids):
         raise SystemExit(f"error: --phase1-from {src} was trained on other tasks; use the same --holdout")
+    S.load_checkpoint(os.path.join(src, 'phase1.npz'), cfg=cfg)      # same model, or a clear error
     shutil.copyfile(os.path.join(src, 'phase1.npz'), final)
     run.finish('phase1', p1)
     run.log(f"[phase1] reusing the finished phase 1 of {src}")
@@ -571,6 +585,30 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
     return results
 
 
+METHODS = ('z_only', 'whole_network', 'finetune', 'ke')
+
+
+def validate_args(args, n_train, n_holdout):
+    """Reject bad options before any training (not after a 50,000-step phase 1)."""
+    def need(ok, msg):
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+    for k in ('steps', 'batch', 'adapt_steps', 'z_dim', 'tasks_per_step', 'ke_generations', 'hyper_nz', 'hyper_d'):
+        need(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    need(args.tasks_per_step <= n_train, f"--tasks-per-step {args.tasks_per_step} exceeds the {n_train} training tasks")
+    methods = [m.strip() for m in args.methods.split(',') if m.strip() not in ('', 'none')]
+    bad = [m for m in methods if m not in METHODS]
+    need(not bad, f"unknown --methods {bad}; choose from {', '.join(METHODS)} or 'none'")
+    need(0 < args.ke_split <= 1, f"--ke-split must be in (0, 1], got {args.ke_split}")
+    need(args.z_dim >= n_train, f"one-hot z needs --z-dim >= the {n_train} training tasks")
+    if args.new_z == 'onehot' and n_holdout:
+        need(n_train + n_holdout <= args.z_dim,
+             f"--new-z onehot needs an unused one-hot index per held-out task: {n_train} + {n_holdout} > "
+             f"--z-dim {args.z_dim}; use --new-z mean or zeros, or a larger --z-dim")
+    if args.generator == 'hyper':
+        need(not args.gen_hidden.strip(), "--gen-hidden applies to the dense generator only, not --generator hyper")
+
+
 def setup_model(run, args, n_train):
     """The model config of a run, its parameter counts logged (the counts the README states)."""
     cfg = model_config(args, n_tasks=n_train)
@@ -588,6 +626,10 @@ def main_guard(fn):
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (TrainingDiverged, S.CheckpointError, DataError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print("\ninterrupted outside a training stage; finished stages and the last checkpoint are kept: "
+              "run the same command with --resume to continue.", file=sys.stderr)
+        return 130
+    except (TrainingDiverged, S.CheckpointError, DataError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -111,3 +111,23 @@ def test_strict_arrays_are_registered():
     assert get_xp(strict.zeros(2)) is strict
     assert isinstance(strict.zeros(2), StrictArray)
     assert get_xp(np.zeros(2)) is np
+
+
+def test_whole_supernet_step_runs_on_the_strict_device():
+    """loss_and_grads (dense generator, mixed tasks) + RMSProp, on the stand-in, equals numpy."""
+    import supernet as S
+    from nn.optim import Optimizer
+    cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(3, 4), kernel=3, fc=(5,), z_dim=6, n_tasks=4,
+                   gen_hidden=(7,))
+    r = np.random.default_rng(0)
+    x = r.normal(size=(2, 3, 8, 8, 3))
+    y = (r.random((2, 3)) > 0.5).astype(np.float64)
+    out = {}
+    for xp in (np, strict):
+        p = S.init_params(cfg, seed=0, xp=xp, dtype=np.float64)
+        loss, g, _ = S.loss_and_grads(p, to_device(x, xp), to_device(y, xp), [1, 3], cfg)
+        Optimizer('rmsprop', learning_rate=1e-2).step(p, g)
+        assert all(get_xp(v) is xp for v in list(g.values()) + list(p.values()))
+        out[xp] = {k: to_host(v) for k, v in p.items()}
+    for k in out[np]:
+        assert rel_error(out[np][k], out[strict][k]) < 1e-13, k

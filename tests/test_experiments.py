@@ -68,9 +68,9 @@ def test_exp1_end_to_end(tiny_cifar_dir, straight_exp1):
     assert {r['method'] for r in rows} == {'z_only', 'whole_network', 'finetune'}
     assert _read_csv(out / 'phase1_curve.csv')[-1]['step'] == '30'
     assert not (out / 'ckpt').exists() or not list((out / 'ckpt').iterdir())   # stage checkpoints cleaned up
-    # z-only really left phase 1's generator untouched: compare with the saved phase-1 file
+    # the phase-1 generator is saved, with the model's shapes
     p1, _, _ = S.load_checkpoint(out / 'phase1.npz')
-    assert p1['gen.out.w'].shape == (100, 37165)
+    assert p1['gen.out.w'].shape == (100, 37165) and p1['z'].shape == (97, 100)
     # an existing run is never overwritten silently
     with pytest.raises(SystemExit, match='--resume'):
         run_exp1.main(_exp1_args(tiny_cifar_dir, out))
@@ -210,3 +210,35 @@ def test_plots_are_optional(tmp_path, monkeypatch):
     from PIL import Image
     with Image.open(tmp_path / 'yes.png') as im:
         assert im.size[0] > 100 and im.size[1] > 100
+
+
+@pytest.mark.parametrize('extra,msg', [
+    (['--methods', 'z_onyl'], 'unknown --methods'),
+    (['--tasks-per-step', '200'], 'exceeds the 97 training tasks'),
+    (['--batch', '0'], '--batch must be >= 1'),
+    (['--z-dim', '50'], 'one-hot z needs --z-dim'),
+    (['--holdout', '90-98', '--z-dim', '95'], 'unused one-hot index'),
+    (['--generator', 'hyper', '--gen-hidden', '8'], '--gen-hidden applies'),
+])
+def test_bad_options_fail_before_any_training(tiny_cifar_dir, tmp_path, extra, msg):
+    with pytest.raises(SystemExit, match=msg):
+        run_exp1.main(_exp1_args(tiny_cifar_dir, tmp_path / 'bad', *extra))
+    assert not (tmp_path / 'bad' / 'ckpt').exists()
+
+
+def test_interrupted_run_needs_resume_and_the_same_optimizer(tiny_cifar_dir, tmp_path, monkeypatch):
+    out = tmp_path / 'r'
+    _interrupt_at(monkeypatch, 'phase1', 12)
+    assert run_exp1.main(_exp1_args(tiny_cifar_dir, out)) == 130
+    with pytest.raises(SystemExit, match='already holds a run'):        # no silent resume
+        run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--seed', '3'))
+    rc = run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', '--optimizer', 'adam'))
+    assert rc == 1                                                     # clear error, nothing lost
+    assert list((out / 'ckpt').iterdir())
+
+
+def test_aggregate_anywhere_and_quick_keeps_given_options(straight_exp1, capsys):
+    assert run_exp1.main(['--quiet', '--aggregate', str(straight_exp1), str(straight_exp1)]) == 0
+    assert 'z_only' in capsys.readouterr().out
+    args = run_exp1.parse(['--quick', '--steps=77'])
+    assert args.steps == 77 and args.adapt_steps == run_exp1.QUICK['adapt_steps']
