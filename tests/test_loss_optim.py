@@ -34,6 +34,12 @@ def test_loss_rejects_bad_input():
         sigmoid_cross_entropy(np.zeros((4, 1)), np.zeros(4))
     with pytest.raises(ValueError, match='empty'):
         sigmoid_cross_entropy(np.zeros(0), np.zeros(0))
+    with pytest.raises(ValueError, match='NaN or inf'):
+        sigmoid_cross_entropy(np.array([0.0, np.nan]), np.array([0.0, 1.0]), check_finite=True)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        sigmoid_cross_entropy(np.array([0.0, 1.0]), np.array([0.0, 2.0]), check_finite=True)
+    loss, _ = sigmoid_cross_entropy(np.array([0.0, 1.0]), np.array([0.0, 1.0]), check_finite=True)
+    assert np.isfinite(float(loss))
 
 
 def _textbook(rule, w, grads, cfg):
