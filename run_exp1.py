@@ -153,11 +153,8 @@ def main(argv=None):
         t_start = time.perf_counter()
         xp = get_device_module(args.device)
         run = T.RunDir(args.out, resume=args.resume, quiet=args.quiet)
-        ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
-                            n_test_per_class=args.synthetic_test, quiet=args.quiet)
-        args.data_label = 'synthetic data' if ds.synthetic else 'CIFAR-100'
         tasks = D.exp1_tasks()
-        taskset = D.TaskSet(ds, tasks)
+        ds, taskset = T.load_tasks(args, tasks)
         holdout = D.parse_task_range(args.holdout, len(tasks))
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         run.log(f"Experiment 1 on {args.data_label} "

@@ -140,11 +140,8 @@ def main(argv=None):
         t_start = time.perf_counter()
         xp = get_device_module(args.device)
         run = T.RunDir(args.out, resume=args.resume, quiet=args.quiet)
-        ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
-                            n_test_per_class=args.synthetic_test, quiet=args.quiet)
-        args.data_label = 'synthetic data' if ds.synthetic else 'CIFAR-100'
         tasks = D.exp2_tasks()
-        taskset = D.TaskSet(ds, tasks)
+        ds, taskset = T.load_tasks(args, tasks)
         if not -1 <= args.holdout_pair < N_PAIRS:
             raise SystemExit(f"error: --holdout-pair must be in 0..{N_PAIRS - 1} (or -1), got {args.holdout_pair}")
         holdout = [] if args.holdout_pair < 0 else [args.holdout_pair, args.holdout_pair + N_PAIRS]

@@ -585,6 +585,15 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
     return results
 
 
+def load_tasks(args, tasks):
+    """The dataset the run asked for and a TaskSet of `tasks` over it; labels the run's data."""
+    import data as D
+    ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
+                        n_test_per_class=args.synthetic_test, quiet=args.quiet)
+    args.data_label = 'synthetic data' if ds.synthetic else 'CIFAR-100'
+    return ds, D.TaskSet(ds, tasks)
+
+
 METHODS = ('z_only', 'whole_network', 'finetune', 'ke')
 
 

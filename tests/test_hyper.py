@@ -128,22 +128,7 @@ def test_z_only_gradient_matches_the_full_one():
     assert 'z' not in g_Z and np.array_equal(g_Z['Z'], g_full['z'][[0, 1]])
 
 
-def test_mixed_step_equals_mean_of_single_task_steps():
-    cfg, hcfg = S.Config(**SMALL), H.HyperConfig(nz=8, d=8, output='tanh')
-    p = _random_params(cfg, hcfg, 3)
-    x, y = _batch(cfg, 3, 4, 4)
-    loss, g, logits = H.hyper_loss_and_grads(p, x, y, [0, 2, 1], cfg, hcfg)
-    acc = {k: np.zeros_like(v) for k, v in p.items()}
-    total = 0.0
-    for i, t in enumerate([0, 2, 1]):
-        l1, g1, lg1 = H.hyper_loss_and_grads(p, x[i:i + 1], y[i:i + 1], [t], cfg, hcfg)
-        assert rel_error(lg1[0], logits[i]) < 1e-13
-        total += float(l1) / 3
-        for k in acc:
-            acc[k] += g1[k] / 3
-    assert abs(total - float(loss)) < 1e-13
-    for k in acc:
-        assert rel_error(acc[k], g[k]) < 1e-12, k
+# (a mixed step equals the mean of single-task steps: tests/test_supernet.py, both generators)
 
 
 # --------------------------------------------------------------------------- counts, init

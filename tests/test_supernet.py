@@ -65,8 +65,9 @@ def test_supernet_gradcheck_original_config():
     assert max(errs.values()) < TOL, errs
 
 
-def test_mixed_step_equals_sum_of_single_task_steps():
-    cfg = S.Config(**SMALL)
+@pytest.mark.parametrize('generator', ['dense', 'hyper'])
+def test_mixed_step_equals_sum_of_single_task_steps(generator):
+    cfg = S.Config(**SMALL, generator=generator, hyper_nz=8, hyper_d=8)
     p = _random_params(cfg, 3)
     x, y = _batch(cfg, 3, 4, 4)
     loss, g, logits = S.loss_and_grads(p, x, y, [0, 2, 3], cfg)
