@@ -250,7 +250,8 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
                     raise TrainingDiverged(
                         f"[{name}] loss became {mean_loss} between steps {last_step} and {step}: stopping. "
                         f"The last good checkpoint ({ckpt if os.path.exists(ckpt) else 'none yet'}) is "
-                        "kept; lower the learning rate and --resume, or start afresh.")
+                        "kept. Start afresh with a lower learning rate (another --out); --resume would "
+                        "replay the same steps.")
                 acc = float(run_correct) / (run_n * labels.size)
                 now = time.perf_counter()
                 ips = n_img / max(now - t_last, 1e-9)
