@@ -1175,6 +1175,11 @@ def _cmd_montage(a) -> None:
     print(f"{a.task_set} task {a.task} = {tuple(task)}: wrote {path}")
 
 
+def _add_data_dir(p) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, help="data dir (default: $SUPERNET_DATA_DIR or "
+                                                                "~/.cache/supernet)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python data.py",
@@ -1195,8 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download, verify and extract the real CIFAR-100",
                        description="Download cifar-100-python.tar.gz (resumable), check its md5, extract it "
                                    "into DIR/cifar-100-python and verify the files.")
-    p.add_argument("--data-dir", type=Path, default=None, help="data dir (default: $SUPERNET_DATA_DIR or "
-                                                                "~/.cache/supernet)")
+    _add_data_dir(p)
     p.add_argument("--url", default=CIFAR100_URL, help="archive URL (default: the official one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_download)
@@ -1204,8 +1208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="load and verify a data dir, print counts and timing",
                        description="Load DIR/cifar-100-python (real or synthetic) through the normal loader, "
                                    "verifying md5s, shapes and labels.")
-    p.add_argument("--data-dir", type=Path, default=None, help="data dir (default: $SUPERNET_DATA_DIR or "
-                                                                "~/.cache/supernet)")
+    _add_data_dir(p)
     p.add_argument("--no-md5", action="store_true", help="skip the md5 check (faster, less safe)")
     p.set_defaults(func=_cmd_check)
 
@@ -1213,8 +1216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Save a PNG with a row of label-0 images and a row of label-1 images.")
     p.add_argument("--data", choices=("synthetic", "cifar100"), default="synthetic",
                    help="real CIFAR-100 (downloaded if missing) or the synthetic set (generated if missing)")
-    p.add_argument("--data-dir", type=Path, default=None, help="data dir (default: $SUPERNET_DATA_DIR or "
-                                                                "~/.cache/supernet)")
+    _add_data_dir(p)
     p.add_argument("--task-set", choices=("exp1", "exp2"), default="exp1", help="which task list (default exp1)")
     p.add_argument("--task", type=int, default=0, help="task index in the list (default 0)")
     p.add_argument("--out", type=Path, default=Path("task.png"), help="output PNG (default task.png)")

@@ -46,7 +46,6 @@ Parameters (keys, shapes; n = number of chunks, Nz = hcfg.nz, c = hcfg.chunk, f 
     'gen.shared.<tensor>' for every non-conv-kernel classifier tensor (conv biases, fc, out)
     'z' (n_tasks, z_dim) task vectors (hyper_init_params), as in SuperNet.
 """
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +59,7 @@ from nn.loss import sigmoid_cross_entropy
 # =========================================================================== config
 
 @dataclass
-class HyperConfig:
+class HyperConfig(S.DictConfig):
     """The hypernetwork's sizes: chunk embedding N_z, hidden width d, chunk size N_in = N_out."""
     nz: int = 64
     d: int = 64
@@ -75,13 +74,6 @@ class HyperConfig:
                 raise ValueError(f"HyperConfig.{k} must be >= 1, got {getattr(self, k)}")
             setattr(self, k, int(getattr(self, k)))
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # =========================================================================== layout
@@ -336,11 +328,10 @@ def hyper_loss(params, x, y, tasks, cfg, hcfg):
 
 
 def hyper_logits_fn(params, cfg, hcfg, z):
-    """Logits under the classifier generated from one task vector z (z_dim,)
-    (the counterpart of train.supernet_logits_fn, for train.evaluate)."""
-    theta, _ = hyper_forward(z.reshape(1, -1), params, cfg, hcfg)
-    weights = S.split_theta(theta, cfg)
-    return lambda x: S.classifier_forward(x[None], weights, cfg)[0][0]
+    """Logits under the classifier generated from one task vector z (z_dim,), for
+    train.evaluate: train.supernet_logits_fn with this hypernetwork as the generator."""
+    import train
+    return train.supernet_logits_fn(params, as_supernet_config(cfg, hcfg), z)
 
 
 # =========================================================================== gradient check

@@ -23,7 +23,6 @@ import numpy as np
 
 import data as D
 import train as T
-from nn.backend import get_device_module
 
 
 def build_parser():
@@ -44,11 +43,7 @@ QUICK = dict(synthetic_train=60, synthetic_test=20, steps=600, adapt_steps=150, 
 
 
 def parse(argv):
-    """--quick changes the defaults only: options given on the command line still win."""
-    parser = build_parser()
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    return parser.parse_args(argv)
+    return T.parse_args(build_parser(), QUICK, argv)
 
 
 def write_results(run, args, counts, phase1_summary, adapt_results, wall):
@@ -151,10 +146,8 @@ def main(argv=None):
 
     def body():
         t_start = time.perf_counter()
-        xp = get_device_module(args.device)
-        run = T.RunDir(args.out, resume=args.resume, quiet=args.quiet)
         tasks = D.exp1_tasks()
-        ds, taskset = T.load_tasks(args, tasks)
+        xp, run, ds, taskset = T.start_run(args, tasks)
         holdout = D.parse_task_range(args.holdout, len(tasks))
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         run.log(f"Experiment 1 on {args.data_label} "

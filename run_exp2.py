@@ -29,7 +29,6 @@ import numpy as np
 
 import data as D
 import train as T
-from nn.backend import get_device_module
 
 N_PAIRS = 50
 
@@ -131,17 +130,12 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    if parser.parse_known_args(argv)[0].quick:      # --quick changes defaults; given options win
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
+    args = T.parse_args(build_parser(), QUICK, argv)
 
     def body():
         t_start = time.perf_counter()
-        xp = get_device_module(args.device)
-        run = T.RunDir(args.out, resume=args.resume, quiet=args.quiet)
         tasks = D.exp2_tasks()
-        ds, taskset = T.load_tasks(args, tasks)
+        xp, run, ds, taskset = T.start_run(args, tasks)
         if not -1 <= args.holdout_pair < N_PAIRS:
             raise SystemExit(f"error: --holdout-pair must be in 0..{N_PAIRS - 1} (or -1), got {args.holdout_pair}")
         holdout = [] if args.holdout_pair < 0 else [args.holdout_pair, args.holdout_pair + N_PAIRS]

@@ -49,8 +49,20 @@ from nn.loss import sigmoid_cross_entropy
 
 # =========================================================================== config
 
+class DictConfig:
+    """to_dict / from_dict for a config dataclass (from_dict ignores unknown keys)."""
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class Config:
+class Config(DictConfig):
     """Everything that determines the model's shapes and initialisation."""
     image_shape: tuple = (32, 32, 3)      # H, W, C (NHWC)
     conv_filters: tuple = (16, 16, 16, 16)
@@ -85,13 +97,6 @@ class Config:
         if self.z_init == 'onehot' and self.n_tasks > self.z_dim:
             raise ValueError(f"one-hot z needs z_dim >= n_tasks ({self.z_dim} < {self.n_tasks})")
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def classifier_shapes(cfg):

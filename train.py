@@ -145,8 +145,8 @@ def supernet_logits_fn(params, cfg, z):
 
 
 def baseline_logits_fn(weights, cfg):
-    wg = {k: v[None] for k, v in weights.items()}
-    return lambda x: S.classifier_forward(x[None], wg, cfg)[0][0]
+    """Logits of the whole-network baseline's weights, for evaluate."""
+    return lambda x: S.baseline_logits(weights, x, cfg)
 
 
 # =========================================================================== training loop
@@ -535,9 +535,6 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
             step = supernet_step(ccfg, {h: 0}, need_gen_grads=False)
             keys, lr, trainable = ['z'], args.z_lr, cfg.z_dim
 
-            def eval_fn(q):
-                return dict(zip(('test_loss', 'test_acc'),
-                                evaluate(supernet_logits_fn(q, ccfg, q['z'][0]), taskset, h, 'test', xp)))
         elif method == 'finetune':
             p = {k: v.copy() for k, v in gen.items()}
             p['z'] = z0.reshape(1, -1).copy()
@@ -545,9 +542,6 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
             keys, lr = None, (args.finetune_lr or args.lr)
             trainable = counts['generator'] + cfg.z_dim
 
-            def eval_fn(q):
-                return dict(zip(('test_loss', 'test_acc'),
-                                evaluate(supernet_logits_fn(q, ccfg, q['z'][0]), taskset, h, 'test', xp)))
         elif method == 'ke':
             import knowledge_evolution as KE
             res = KE.run_knowledge_evolution(
@@ -563,12 +557,13 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
             p = {k: to_device(v, xp) for k, v in S.init_classifier(cfg, rng).items()}
             step = baseline_step(cfg)
             keys, lr, trainable = None, args.baseline_lr, counts['classifier']
-
-            def eval_fn(q):
-                return dict(zip(('test_loss', 'test_acc'),
-                                evaluate(baseline_logits_fn(q, cfg), taskset, h, 'test', xp)))
         else:
             raise SystemExit(f"error: unknown method {method!r} in --methods")
+
+        def eval_fn(q, method=method):
+            f = baseline_logits_fn(q, cfg) if method == 'whole_network' else supernet_logits_fn(q, ccfg, q['z'][0])
+            return dict(zip(('test_loss', 'test_acc'), evaluate(f, taskset, h, 'test', xp)))
+
         before = {k: v.copy() for k, v in gen.items()} if method == 'z_only' else None
         opt = make_optimizer(args, lr=lr)
         curve = train_stage(run, stage, p, ccfg if method != 'whole_network' else cfg, step, sampler,
@@ -586,13 +581,24 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
     return results
 
 
-def load_tasks(args, tasks):
-    """The dataset the run asked for and a TaskSet of `tasks` over it; labels the run's data."""
+def parse_args(parser, quick, argv):
+    """argparse with a --quick flag that changes the defaults only: given options still win."""
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**quick)
+    return parser.parse_args(argv)
+
+
+def start_run(args, tasks):
+    """The device module, the output directory, and the dataset with a TaskSet of `tasks`
+    (in that order: a missing GPU is reported before any data is read); labels the data."""
     import data as D
+    from nn.backend import get_device_module
+    xp = get_device_module(args.device)
+    run = RunDir(args.out, resume=args.resume, quiet=args.quiet)
     ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
                         n_test_per_class=args.synthetic_test, quiet=args.quiet)
     args.data_label = 'synthetic data' if ds.synthetic else 'CIFAR-100'
-    return ds, D.TaskSet(ds, tasks)
+    return xp, run, ds, D.TaskSet(ds, tasks)
 
 
 METHODS = ('z_only', 'whole_network', 'finetune', 'ke')

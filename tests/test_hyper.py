@@ -10,6 +10,7 @@ import supernet as S
 from nn.backend import to_device, to_host
 from nn.gradcheck import rel_error
 from nn.optim import Optimizer
+from tests.toy import toy_tasks
 
 TOL = 1e-6
 
@@ -173,20 +174,6 @@ def test_bad_config_is_rejected():
 
 # --------------------------------------------------------------------------- training
 
-def _toy_tasks(cfg, n_tasks, m, seed):
-    """As tests/test_supernet.py: label 1 brightens channel a and darkens channel b; task 3
-    is a new draw of task 1's rule."""
-    r = np.random.default_rng(seed)
-    pairs = [(0, 1), (1, 0), (0, 2), (1, 0)][:n_tasks]
-    x = r.normal(size=(n_tasks, m) + cfg.image_shape).astype(np.float32)
-    y = (r.random((n_tasks, m)) > 0.5).astype(np.float32)
-    for t, (a, b) in enumerate(pairs):
-        s = 0.5 * (2 * y[t] - 1)[:, None, None]
-        x[t, ..., a] += s
-        x[t, ..., b] -= s
-    return x, y
-
-
 def _train(p, cfg, hcfg, x, y, tasks, steps, keys=None, lr=3e-3, need_gen=True):
     opt = Optimizer('adam', learning_rate=lr)
     losses = []
@@ -201,7 +188,7 @@ def test_learns_toy_tasks_and_z_only_adapts_with_a_frozen_hypernetwork():
     cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(8, 8), kernel=3, fc=(16,), z_dim=6, n_tasks=4)
     hcfg = H.HyperConfig(nz=8, d=16, chunk=8)
     p = H.hyper_init_params(cfg, hcfg, seed=0)
-    x, y = _toy_tasks(cfg, 4, 32, seed=1)
+    x, y = toy_tasks(cfg, 4, 32, seed=1)
     losses = _train(p, cfg, hcfg, x[:3], y[:3], [0, 1, 2], steps=250)
     _, _, logits = H.hyper_loss_and_grads(p, x[:3], y[:3], [0, 1, 2], cfg, hcfg)
     acc = float(((logits > 0) == (y[:3] > 0.5)).mean())

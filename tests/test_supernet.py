@@ -6,6 +6,7 @@ import pytest
 import supernet as S
 from nn.gradcheck import check_gradient, rel_error
 from nn.optim import Optimizer
+from tests.toy import toy_tasks
 
 TOL = 1e-6
 
@@ -143,21 +144,6 @@ def test_baseline_gradcheck():
         assert check_gradient(f, w[k], g[k]) < TOL, k
 
 
-def _toy_tasks(cfg, n_tasks, m, seed):
-    """Learnable toy tasks: label 1 brightens channel a and darkens channel b, label 0 the
-    reverse, under unit noise (each task its own channel pair; task 3 is a new draw of
-    task 1's rule, the kind of 'similar task' z-only adaptation is for)."""
-    r = np.random.default_rng(seed)
-    pairs = [(0, 1), (1, 0), (0, 2), (1, 0)][:n_tasks]
-    x = r.normal(size=(n_tasks, m) + cfg.image_shape).astype(np.float32)
-    y = (r.random((n_tasks, m)) > 0.5).astype(np.float32)
-    for t, (a, b) in enumerate(pairs):
-        s = 0.5 * (2 * y[t] - 1)[:, None, None]
-        x[t, ..., a] += s
-        x[t, ..., b] -= s
-    return x, y
-
-
 def _train(p, cfg, x, y, tasks, steps, keys=None, lr=3e-3, need_gen=True):
     opt = Optimizer('adam', learning_rate=lr)
     losses = []
@@ -171,7 +157,7 @@ def _train(p, cfg, x, y, tasks, steps, keys=None, lr=3e-3, need_gen=True):
 def test_supernet_learns_tiny_tasks_and_z_only_adapts_with_frozen_generator():
     cfg = S.Config(**dict(SMALL, conv_filters=(8, 8), fc=(16,), n_tasks=4), gen_hidden=())
     p = S.init_params(cfg, seed=0)
-    x, y = _toy_tasks(cfg, 4, 32, seed=1)
+    x, y = toy_tasks(cfg, 4, 32, seed=1)
     losses = _train(p, cfg, x[:3], y[:3], [0, 1, 2], steps=300)
     _, _, logits = S.loss_and_grads(p, x[:3], y[:3], [0, 1, 2], cfg)
     acc = float(((logits > 0) == (y[:3] > 0.5)).mean())
@@ -200,7 +186,7 @@ def test_z_only_gradients_match_full_gradients():
 
 def test_seed_gives_bit_identical_runs():
     cfg = S.Config(**SMALL)
-    x, y = _toy_tasks(cfg, 2, 8, seed=2)
+    x, y = toy_tasks(cfg, 2, 8, seed=2)
     runs = []
     for _ in range(2):
         p = S.init_params(cfg, seed=11)
@@ -215,7 +201,7 @@ def test_seed_gives_bit_identical_runs():
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     cfg = S.Config(**SMALL)
     p = S.init_params(cfg, seed=0)
-    x, y = _toy_tasks(cfg, 2, 4, seed=3)
+    x, y = toy_tasks(cfg, 2, 4, seed=3)
     opt = Optimizer('rmsprop', learning_rate=1e-3)
     _, g, _ = S.loss_and_grads(p, x, y, [0, 1], cfg)
     opt.step(p, g)
@@ -245,7 +231,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
 def test_bad_inputs_are_rejected():
     cfg = S.Config(**SMALL)
     p = S.init_params(cfg, seed=0)
-    x, y = _toy_tasks(cfg, 2, 4, seed=3)
+    x, y = toy_tasks(cfg, 2, 4, seed=3)
     with pytest.raises(ValueError, match='do not match'):
         S.loss_and_grads(p, x, y[:1], [0, 1], cfg)
     with pytest.raises(ValueError, match='distinct'):
