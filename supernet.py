@@ -43,8 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from nn import layers as L
-from nn.backend import get_xp, to_device, to_host
+from nn.backend import get_num_threads, get_xp, parallel_map, split_range, to_device, to_host
 from nn.loss import sigmoid_cross_entropy
+from nn.optim import LowRank
 
 
 # =========================================================================== config
@@ -257,18 +258,61 @@ def generator_forward(Z, params, cfg):
         pre, c_d = L.dense_forward(h, params[f'gen.h{l}.w'], params[f'gen.h{l}.b'])
         h, c_a = L.leaky_relu_forward(pre, cfg.alpha)
         caches.append((c_d, c_a))
-    theta, c_out = L.dense_forward(h, params['gen.out.w'], params['gen.out.b'])
+    theta, c_out = _out_layer_forward(h, params['gen.out.w'], params['gen.out.b'])
     c_tanh = None
     if cfg.gen_output == 'tanh':
         theta, c_tanh = L.tanh_forward(theta)
     return theta, (caches, c_out, c_tanh)
 
 
-def generator_backward(dtheta, cache, need_param_grads=True):
+def _row_blocks(W, xp):
+    """Row blocks of the (dim, P) output matrix, one per CPU thread (one block off the CPU)."""
+    return split_range(W.shape[0], get_num_threads() if xp is np else 1)
+
+
+def _out_layer_forward(h, W, b):
+    """The generator's big dense layer, theta = h @ W + b, h (G, dim), W (dim, P). It only
+    streams W (15 MB) from memory; the threads each take a block of W's rows:
+    theta = sum over blocks r of h[:, r] @ W[r] (+ b), partial sums only (G, P)."""
+    xp = get_xp(h, W, b)
+    blocks = _row_blocks(W, xp)
+    if len(blocks) == 1:
+        return L.dense_forward(h, W, b)
+    parts = parallel_map(lambda r: h[:, r] @ W[r], blocks)
+    theta = parts[0]
+    for p in parts[1:]:
+        theta += p
+    theta += b
+    return theta, (h, W)
+
+
+def _out_layer_backward(dpre, h, W, need_dW, lowrank=False):
+    """dh = dpre @ W.T and dW = h.T @ dpre (None unless need_dW; with lowrank, the
+    unformed product LowRank(h.T, dpre)), each thread taking a block of W's rows:
+    dW[r] = h[:, r].T @ dpre, dh[:, r] = dpre @ W[r].T."""
+    xp = get_xp(dpre, h, W)
+    dh = xp.empty(h.shape, dtype=dpre.dtype)
+    dW = None
+    if need_dW:
+        dW = LowRank(h.T, dpre)
+        if not lowrank:
+            dW = xp.empty(W.shape, dtype=dpre.dtype)
+
+    def block(r):
+        if need_dW and not lowrank:
+            xp.dot(h[:, r].T, dpre, out=dW[r])   # (rows, G) @ (G, P); numpy's matmul is 8x slower at G=1
+        dh[:, r] = dpre @ W[r].T                  # (G, P) @ (P, rows)
+    parallel_map(block, _row_blocks(W, xp))
+    return dh, dW
+
+
+def generator_backward(dtheta, cache, need_param_grads=True, lowrank=False):
     """dtheta (G, P) -> (dZ (G, z_dim), {generator key: grad}).
 
     need_param_grads=False (z-only training, generator frozen) skips dW and db, the
     generator's largest products, and returns only dZ.
+    lowrank=True returns the output layer's weight gradient h.T @ dpre unformed, as
+    nn.optim.LowRank (rank G); the optimizers apply it chunk by chunk (see LowRank).
     """
     if cache[0] == 'hyper':
         import hyper
@@ -276,11 +320,9 @@ def generator_backward(dtheta, cache, need_param_grads=True):
     caches, (h, W), c_tanh = cache
     dpre = L.tanh_backward(dtheta, c_tanh) if c_tanh is not None else dtheta
     grads = {}
+    dh, dW = _out_layer_backward(dpre, h, W, need_param_grads, lowrank)
     if need_param_grads:
-        xp = get_xp(dpre, h)
-        grads['gen.out.w'] = xp.dot(h.T, dpre)          # (dim_L, G) @ (G, P); numpy's matmul is 8x slower at G=1
-        grads['gen.out.b'] = dpre.sum(axis=0)
-    dh = dpre @ W.T                                    # (G, P) @ (P, dim_L)
+        grads['gen.out.w'], grads['gen.out.b'] = dW, dpre.sum(axis=0)
     for l in range(len(caches), 0, -1):
         c_d, c_a = caches[l - 1]
         dpre_l = L.leaky_relu_backward(dh, c_a)
@@ -311,13 +353,49 @@ def merge_theta(dweights, cfg, xp, dtype):
 
 # =========================================================================== classifier
 
+def _shards(G, m, xp):
+    """How classifier_forward splits a (G, m) batch over the CPU threads: ('m', slices)
+    (image shards of every group, the usual case), ('G', slices) (groups, when each has
+    too few images), or None (one thread, a device array, or a batch too small)."""
+    n = get_num_threads() if xp is np else 1
+    if n < 2 or G * m < 2 * _MIN_SHARD:
+        return None
+    if m >= 2 * n:
+        return 'm', split_range(m, min(n, m // _MIN_SHARD) if G == 1 else n)
+    if G >= n:
+        return 'G', split_range(G, n)
+    return None
+
+
+_MIN_SHARD = 16     # images: below this a shard's Python overhead outweighs the second core
+
+
 def classifier_forward(x, weights, cfg):
     """x (G, m, H, W, C), weights {name: (G, *shape)} -> logits (G, m), cache.
 
     conv 5x5/2 SAME + leaky ReLU (x4), flatten, fc (+ leaky ReLU if fc_activation), out.
+    With several CPU threads (nn.backend.set_num_threads) the batch is cut into shards,
+    one per thread, run side by side; classifier_backward sums (or, for group shards,
+    joins) their weight gradients. Same maths; float rounding depends on the thread count.
     """
     if x.ndim != 5 or tuple(x.shape[2:]) != tuple(cfg.image_shape):
         raise ValueError(f"classifier: input {tuple(x.shape)} should be (G, m, {', '.join(map(str, cfg.image_shape))})")
+    xp = get_xp(x, *weights.values())
+    shards = _shards(x.shape[0], x.shape[1], xp)
+    if shards is None:
+        return _classifier_forward(x, weights, cfg)
+    axis, slices = shards
+    if axis == 'm':
+        parts = parallel_map(lambda s: _classifier_forward(x[:, s], weights, cfg), slices)
+    else:
+        parts = parallel_map(lambda s: _classifier_forward(x[s], {k: v[s] for k, v in weights.items()}, cfg),
+                             slices)
+    logits = xp.concatenate([lg for lg, _ in parts], axis=1 if axis == 'm' else 0)
+    return logits, ('shards', axis, slices, [c for _, c in parts])
+
+
+def _classifier_forward(x, weights, cfg):
+    """classifier_forward on one thread."""
     caches = []
     h = x
     for i in range(1, len(cfg.conv_filters) + 1):
@@ -339,6 +417,29 @@ def classifier_forward(x, weights, cfg):
 def classifier_backward(dlogits, cache, need_dx=False):
     """dlogits (G, m) -> {name: (G, *shape)} gradients of every classifier tensor
     (and dx (G, m, H, W, C) under key 'x' when need_dx)."""
+    if cache[0] != 'shards':
+        return _classifier_backward(dlogits, cache, need_dx)
+    _, axis, slices, caches = cache
+    xp = get_xp(dlogits)
+    if axis == 'm':
+        parts = parallel_map(lambda sc: _classifier_backward(dlogits[:, sc[0]], sc[1], need_dx),
+                             list(zip(slices, caches)))
+    else:
+        parts = parallel_map(lambda sc: _classifier_backward(dlogits[sc[0]], sc[1], need_dx),
+                             list(zip(slices, caches)))
+    g = {}
+    for k in parts[0]:
+        if axis == 'G' or k == 'x':               # per-group (or per-image) tensors: join
+            g[k] = xp.concatenate([p[k] for p in parts], axis=1 if (k == 'x' and axis == 'm') else 0)
+        else:                                     # weights shared by the image shards: sum
+            g[k] = parts[0][k]
+            for p in parts[1:]:
+                g[k] = g[k] + p[k]
+    return g
+
+
+def _classifier_backward(dlogits, cache, need_dx=False):
+    """classifier_backward on one thread."""
     caches, c_flat, fc_caches, c_out = cache
     g = {}
     dh, g['out.w'], g['out.b'] = L.dense_backward(dlogits[..., None], c_out)
@@ -384,7 +485,7 @@ def forward_from_z(params, Z, x, cfg):
     return logits
 
 
-def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None):
+def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None, lowrank=False):
     """One step's loss and every gradient, by hand.
 
     params: {'gen.*': ..., 'z': (n_tasks, z_dim)}
@@ -394,6 +495,8 @@ def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None):
     need_gen_grads: False in z-only mode (skips the generator's weight gradients)
     Z:      optional (G, z_dim) task vectors to use instead of params['z'][tasks]
             (then no 'z' gradient is returned; 'Z' is, for the caller)
+    lowrank: grads['gen.out.w'] as nn.optim.LowRank(h.T, dpre), the rank-G product never
+            formed (training: the optimizer builds it chunk by chunk); else an array
     returns loss (0-d array), grads {key: array}, logits (G, m)
     """
     xp = get_xp(x, params['z'])
@@ -412,7 +515,7 @@ def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None):
     loss, dlogits = sigmoid_cross_entropy(logits, y)
     dweights = classifier_backward(dlogits, c_cache)
     dtheta = merge_theta(dweights, cfg, xp, theta.dtype)
-    dZ, grads = generator_backward(dtheta, g_cache, need_param_grads=need_gen_grads)
+    dZ, grads = generator_backward(dtheta, g_cache, need_param_grads=need_gen_grads, lowrank=lowrank)
     if use_table:
         dz = xp.zeros_like(params['z'])
         dz[to_device(tasks, xp)] = dZ                             # tasks are distinct

@@ -321,7 +321,7 @@ def supernet_step(cfg, rows, need_gen_grads=True):
     def step(params, batch):
         x, y, tids = batch
         loss, grads, logits = S.loss_and_grads(params, x, y, [rows[t] for t in tids], cfg,
-                                               need_gen_grads=need_gen_grads)
+                                               need_gen_grads=need_gen_grads, lowrank=True)
         return loss, grads, logits, y
     return step
 
@@ -384,6 +384,9 @@ def add_common_args(p, default_out):
     g.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval (default: 10 per stage)')
     g = p.add_argument_group('run')
     g.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
+    g.add_argument('--threads', type=int, default=0,
+                   help='CPU threads (default 0: every usable CPU). supernet splits the work itself and runs '
+                        'BLAS on one thread; results are reproducible for a given thread count')
     g.add_argument('--out', default=default_out, help=f'output directory (default {default_out})')
     g.add_argument('--resume', action='store_true', help='continue the run in --out where it stopped')
     g.add_argument('--quick', action='store_true', help='a first look in about a minute on a 2-core CPU (small synthetic data, few steps)')
@@ -592,9 +595,12 @@ def start_run(args, tasks):
     """The device module, the output directory, and the dataset with a TaskSet of `tasks`
     (in that order: a missing GPU is reported before any data is read); labels the data."""
     import data as D
-    from nn.backend import get_device_module
+    from nn.backend import get_device_module, set_num_threads
+    if args.threads < 0:
+        raise SystemExit(f"error: --threads must be >= 0 (0: every usable CPU), got {args.threads}")
     xp = get_device_module(args.device)
     run = RunDir(args.out, resume=args.resume, quiet=args.quiet)
+    args.threads = set_num_threads(args.threads) if xp is np else 1
     ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
                         n_test_per_class=args.synthetic_test, quiet=args.quiet)
     args.data_label = 'synthetic data' if ds.synthetic else 'CIFAR-100'

@@ -14,8 +14,19 @@ arrays never touches the GPU.
 Helpers move arrays between host and device: `to_device(a, xp)`, `to_host(a)`.
 `register_array_module(array_type, module)` lets another array type (the tests'
 strict stand-in for cupy) declare its module.
+
+CPU threads. numpy runs each call on one core (BLAS aside), so the CPU work is split by
+us: `set_num_threads(n)` starts a pool of n threads and `parallel_map(fn, items)` runs
+fn over items on it (numpy releases the GIL inside its kernels). The callers split
+coarsely: the classifier by image shards, the generator by column blocks, the
+optimizer by chunks of the flat parameter. BLAS is then set to one thread, so the two
+kinds of threads never compete for the cores. Until set_num_threads is called
+everything runs on the calling thread and BLAS is left as it was.
 """
+import ctypes
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -104,3 +115,96 @@ def synchronize(xp):
     """Wait for queued device work (for timing); no-op on the CPU."""
     if xp is not np and hasattr(xp, 'cuda'):
         xp.cuda.Stream.null.synchronize()
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+_POOL = None            # ThreadPoolExecutor with n - 1 workers (the caller is the n-th)
+_NTHREADS = 1
+_POOL_LOCK = threading.Lock()
+
+
+def usable_cpus():
+    """CPUs this process may run on (its affinity mask, not the machine's total)."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _blas_setters():
+    """The thread-count setters of the OpenBLAS libraries loaded in this process (Linux:
+    found in /proc/self/maps, as threadpoolctl does). numpy's wheels ship OpenBLAS under
+    a prefixed name (scipy_openblas_set_num_threads64_)."""
+    try:
+        with open('/proc/self/maps') as f:
+            paths = {line.split()[-1] for line in f if 'openblas' in line.lower() and '.so' in line}
+    except OSError:
+        return []
+    setters = []
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ('openblas_set_num_threads', 'scipy_openblas_set_num_threads64_',
+                     'scipy_openblas_set_num_threads', 'openblas_set_num_threads64_'):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], None
+                setters.append(fn)
+                break
+    return setters
+
+
+def set_blas_threads(n):
+    """Set OpenBLAS's thread count at run time. Returns False when no OpenBLAS was found
+    (another BLAS: set its environment variable, e.g. MKL_NUM_THREADS, before starting)."""
+    setters = _blas_setters()
+    for fn in setters:
+        fn(int(n))
+    return bool(setters)
+
+
+def set_num_threads(n=None):
+    """Run the CPU work on n threads (None or 0: every usable CPU). BLAS is set to one
+    thread: the parallelism is ours. Returns n."""
+    global _POOL, _NTHREADS
+    if n is not None and int(n) < 0:
+        raise ValueError(f"threads must be >= 1, or 0 for every usable CPU; got {n}")
+    n = usable_cpus() if not n else int(n)
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix='supernet') if n > 1 else None
+        _NTHREADS = n
+    set_blas_threads(1)
+    return n
+
+
+def get_num_threads():
+    """The threads parallel_map uses (1 until set_num_threads is called)."""
+    return _NTHREADS
+
+
+def parallel_map(fn, items):
+    """[fn(item) for item in items], the items spread over the thread pool (the calling
+    thread takes the first). Exceptions propagate. Serial with one thread."""
+    items = list(items)
+    pool = _POOL
+    if pool is None or len(items) < 2:
+        return [fn(it) for it in items]
+    futures = [pool.submit(fn, it) for it in items[1:]]
+    try:
+        first = fn(items[0])
+    except BaseException:
+        for f in futures:                 # let the others finish before the error goes up
+            f.exception()
+        raise
+    return [first] + [f.result() for f in futures]
+
+
+def split_range(n, parts):
+    """Cut range(n) into at most `parts` contiguous, near-equal, non-empty slices."""
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]

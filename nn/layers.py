@@ -102,7 +102,7 @@ def _pad_hw(pad):
 # is built and consumed while it is still in cache, and the whole (N*Ho*Wo, K) matrix
 # (39 MB for conv1 at batch 512) is never allocated: fresh allocations that large are
 # page-faulted in on every step. One block on a GPU.
-_BLOCK_BYTES = 2 << 20
+_BLOCK_BYTES = 2048 << 10
 
 
 def _image_blocks(xp, n, bytes_per_image):
@@ -176,13 +176,24 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
     w2 = wg.reshape(G, K, F)
     b_row = xp.tile(bg, (1, Wo))[:, None, :]            # (G, 1, Wo*F): the bias along an output row
     out = xp.empty((G, N, Ho, Wo, F), dtype=x.dtype)
+    keep_cols = not _dw_from_d(C, F)                    # conv_backward's dw will need im2col(x) again
+    cols = []
     for blk in _image_blocks(xp, N, G * Ho * Wo * K * x.dtype.itemsize):
         o = out[:, blk].reshape(G, -1, F)                # a view (each group's block is contiguous)
-        xp.matmul(_im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride), w2, out=o)
+        col = _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride)
+        xp.matmul(col, w2, out=o)
         o_rows = o.reshape(G, -1, Wo * F)                # the same memory, one output row per line:
         o_rows += b_row                                  # the add runs over Wo*F values, not F
-    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped)
+        if keep_cols:
+            cols.append((blk, col))
+    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped, cols)
     return (out if grouped else out[0]), cache
+
+
+def _dw_from_d(C, F):
+    """Which way conv_backward gets dw: from the windows of dout when F <= C (they are then
+    no bigger than im2col(x)), else from im2col(x), which conv_forward then keeps."""
+    return F <= C
 
 
 def _phases(size, pad_before, k, s):
@@ -252,28 +263,28 @@ def conv_backward(dout, cache, need_dx=True):
     """dout: like out -> (dx like x, dw like w, db like b).
 
     db = sum of dout. dx (and dw when F <= C) by _conv_grads_by_phase; otherwise dw =
-    im2col(x).T @ dout, the patch matrix rebuilt block by block from the cached padded
-    input. Which dw method runs depends only on the shapes, so need_dx does not change dw.
+    im2col(x).T @ dout over the patch-matrix blocks that conv_forward kept (for the first
+    layer, C=3 < F=16: 39 MB at batch 512, cheaper to keep than to rebuild). Which dw method runs depends only on the shapes, so need_dx does not change dw.
     need_dx=False skips the input gradient (returns dx=None): the first layer's input is
     the image, which needs none.
     """
-    xpad, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped = cache
+    xpad, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped, cols = cache
     xp = get_xp(dout, xpad)
     G, N, C = xpad.shape[0], xpad.shape[1], xpad.shape[-1]
     K, F = w2.shape[1:]
     d = dout.reshape(G, N, Ho, Wo, F)
     ones = xp.ones((G, 1, N * Ho * Wo), dtype=d.dtype)
     db = (ones @ d.reshape(G, -1, F))[:, 0]              # (G, F): a gemv; sum(axis=1) is 20x slower
-    dw_from_d = F <= C               # the windows of d are then no bigger than im2col(x)
+    dw_from_d = _dw_from_d(C, F)
     dx = dw = None
     if need_dx or dw_from_d:
         dx, dw = _conv_grads_by_phase(xp, d, xpad, w2.reshape(G, kh, kw, C, F), H, W, pads, stride,
                                       need_dx, dw_from_d)
     if not dw_from_d:
-        for blk in _image_blocks(xp, N, G * Ho * Wo * K * d.dtype.itemsize):
-            part = _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride).swapaxes(1, 2) @ d[:, blk].reshape(G, -1, F)
-            dw = part if dw is None else dw + part       # (G, K, F), summed over the blocks
-        dw = dw.reshape(G, kh, kw, C, F)
+        for blk, col in cols:                            # the forward's im2col blocks
+            part = d[:, blk].reshape(G, -1, F).swapaxes(1, 2) @ col    # (G, F, K): dw transposed,
+            dw = part if dw is None else dw + part       # faster than col.T @ d; summed over the blocks
+        dw = dw.swapaxes(1, 2).reshape(G, kh, kw, C, F)
     if not grouped:
         dx = None if dx is None else dx[0]
         dw, db = dw[0], db[0]
@@ -295,7 +306,9 @@ def leaky_relu_backward(dout, cache):
     """dx = dout where x > 0, alpha * dout elsewhere, as dout * slope.
     (No xp.where: numpy's where branches per element, ~10x slower on random signs.)"""
     x, alpha = cache
-    slope = (x > 0).astype(dout.dtype)  # 1 or 0
+    xp = get_xp(dout, x)
+    slope = xp.empty(x.shape, dtype=dout.dtype)
+    xp.greater(x, 0, out=slope)         # 1 or 0
     slope *= 1 - alpha
     slope += alpha                      # 1 or alpha
     slope *= dout

@@ -36,3 +36,14 @@ def tiny_cifar_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cifar(tiny_cifar_dir):
     return data.load_cifar100(tiny_cifar_dir)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_threads():
+    """A test that runs a script in-process (run_exp1.main, bench.main) starts the CPU
+    thread pool; put the thread count back so that tests do not depend on their order."""
+    from nn import backend
+    before = backend.get_num_threads()
+    yield
+    if backend.get_num_threads() != before:
+        backend.set_num_threads(before)

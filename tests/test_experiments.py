@@ -48,6 +48,7 @@ def _read_csv(path):
 def test_exp1_end_to_end(tiny_cifar_dir, straight_exp1):
     out = straight_exp1
     s = json.loads((out / 'summary.json').read_text())
+    assert 'CPU threads' in (out / 'log.txt').read_text()
     assert s['param_counts']['classifier'] == 37165
     assert s['param_counts']['generator'] == 37165 * 101
     for h in ('97', '98'):
@@ -219,6 +220,7 @@ def test_plots_are_optional(tmp_path, monkeypatch):
     (['--z-dim', '50'], 'one-hot z needs --z-dim'),
     (['--holdout', '90-98', '--z-dim', '95'], 'unused one-hot index'),
     (['--generator', 'hyper', '--gen-hidden', '8'], '--gen-hidden applies'),
+    (['--threads', '-1'], '--threads must be >= 0'),
 ])
 def test_bad_options_fail_before_any_training(tiny_cifar_dir, tmp_path, extra, msg):
     with pytest.raises(SystemExit, match=msg):

@@ -1,0 +1,185 @@
+"""CPU threads (nn.backend.set_num_threads) change how the work is split, never the
+result: the sharded classifier, the generator's row blocks and the optimizers' chunks
+give the serial numbers (to float rounding in sums; bit for bit where nothing is summed).
+Also the rank-G generator gradient (nn.optim.LowRank), which the optimizers build chunk
+by chunk, against the formed gradient."""
+import numpy as np
+import pytest
+
+import supernet as S
+from nn import backend, optim
+from nn.gradcheck import rel_error
+from nn.optim import LowRank, Optimizer
+from nn.backend import to_device, to_host
+from tests.strict_xp import strict
+
+
+@pytest.fixture
+def threads():
+    """Run a block of code with n threads: threads(n); restored by conftest."""
+    return backend.set_num_threads
+
+
+def test_set_num_threads_and_parallel_map(threads):
+    assert threads(3) == 3 and backend.get_num_threads() == 3
+    assert backend.parallel_map(lambda i: i * i, range(7)) == [i * i for i in range(7)]
+    assert threads(0) == backend.usable_cpus()          # 0: every usable CPU
+    with pytest.raises(ValueError, match='>= 1'):
+        threads(-1)
+    threads(2)
+
+    def boom(i):
+        if i == 1:
+            raise KeyError('worker failed')
+        return i
+    with pytest.raises(KeyError, match='worker failed'):      # a worker's error reaches the caller
+        backend.parallel_map(boom, range(4))
+    assert backend.split_range(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    assert backend.split_range(2, 5) == [slice(0, 1), slice(1, 2)]
+
+
+def test_blas_is_set_to_one_thread_where_openblas_is_loaded(threads):
+    with open('/proc/self/maps') as f:
+        has_openblas = 'openblas' in f.read().lower()
+    if not has_openblas:
+        pytest.skip('numpy here does not use OpenBLAS')
+    assert backend.set_blas_threads(1) is True
+
+
+CFG = S.Config(n_tasks=6)
+
+
+def test_how_the_batch_is_cut(threads):
+    threads(2)
+    assert S._shards(1, 20, np) is None                          # too few images: one thread
+    assert S._shards(1, 128, np) == ('m', [slice(0, 64), slice(64, 128)])
+    assert S._shards(8, 64, np) == ('m', [slice(0, 32), slice(32, 64)])
+    assert S._shards(40, 1, np) == ('G', [slice(0, 20), slice(20, 40)])
+    assert S._shards(1, 128, strict) is None                     # a device: no CPU threads
+    threads(1)
+    assert S._shards(1, 512, np) is None
+
+
+@pytest.mark.parametrize('G,m', [(1, 40), (3, 12), (4, 1), (1, 3)])   # image shards, group shards, serial
+def test_sharded_step_equals_serial(threads, monkeypatch, G, m):
+    monkeypatch.setattr(S, '_MIN_SHARD', 1)                      # shard even these small batches
+    r = np.random.default_rng(G * 100 + m)
+    p = S.init_params(CFG, dtype=np.float64)
+    p['z'] = r.normal(size=p['z'].shape)
+    x = r.normal(size=(G, m, 32, 32, 3))
+    y = (r.random((G, m)) > 0.5).astype(np.float64)
+    tasks = list(range(G))
+    out = {}
+    for n in (1, 2, 3):
+        threads(n)
+        loss, grads, logits = S.loss_and_grads(p, x, y, tasks, CFG)
+        out[n] = (loss, grads, logits)
+    for n in (2, 3):
+        assert rel_error(out[1][0], out[n][0]) < 1e-13
+        assert rel_error(out[1][2], out[n][2]) < 1e-13
+        for k in out[1][1]:
+            assert rel_error(out[1][1][k], out[n][1][k]) < 1e-12, (n, k)
+
+
+def test_sharded_classifier_input_gradient(threads):
+    """classifier_backward(need_dx=True) joins the shards' image gradients in order."""
+    r = np.random.default_rng(5)
+    p = S.init_params(CFG, dtype=np.float64)
+    theta, _ = S.generator_forward(p['z'][:2], p, CFG)
+    w = S.split_theta(theta, CFG)
+    for G, m in [(2, 40), (2, 3)]:
+        x = r.normal(size=(G, m, 32, 32, 3))
+        d = r.normal(size=(G, m))
+        res = []
+        for n in (1, 2):
+            threads(n)
+            logits, cache = S.classifier_forward(x, {k: v[:G] for k, v in w.items()}, CFG)
+            res.append(S.classifier_backward(d, cache, need_dx=True)['x'])
+        assert res[0].shape == x.shape and rel_error(res[0], res[1]) < 1e-13
+
+
+def test_generator_row_blocks_equal_serial(threads):
+    r = np.random.default_rng(1)
+    cfg = S.Config(n_tasks=6, gen_hidden=(9,))
+    p = S.init_params(cfg, dtype=np.float64)
+    Z = r.normal(size=(3, cfg.z_dim))
+    dtheta = r.normal(size=(3, S.count_params(cfg)['classifier']))
+    res = []
+    for n in (1, 3):
+        threads(n)
+        theta, cache = S.generator_forward(Z, p, cfg)
+        dZ, grads = S.generator_backward(dtheta, cache)
+        res.append((theta, dZ, grads))
+    assert rel_error(res[0][0], res[1][0]) < 1e-13 and rel_error(res[0][1], res[1][1]) < 1e-13
+    for k in res[0][2]:
+        assert rel_error(res[0][2][k], res[1][2][k]) < 1e-13, k
+
+
+RULES = [('sgd', {}), ('sgd_momentum', {}), ('rmsprop', {}), ('rmsprop', {'momentum': 0.5}), ('adam', {})]
+
+
+@pytest.mark.parametrize('rule,hyper', RULES)
+def test_optimizer_threads_are_bit_identical(threads, rule, hyper):
+    """Element-wise updates: how the chunks are shared out cannot change a single bit."""
+    r = np.random.default_rng(0)
+    w0 = r.normal(size=(7, 60000)).astype(np.float32)          # several chunks
+    grads = [r.normal(size=w0.shape).astype(np.float32) for _ in range(3)]
+    out = []
+    for n in (1, 2, 3):
+        threads(n)
+        w, cfg = w0.copy(), dict(hyper)
+        for g in grads:
+            cfg = getattr(optim, rule)(w, g, cfg)
+        out.append(w)
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+    assert not np.array_equal(out[0], w0)
+
+
+@pytest.mark.parametrize('rule,hyper', RULES)
+@pytest.mark.parametrize('rank', [1, 3])
+def test_lowrank_gradient_equals_the_formed_one(threads, rule, hyper, rank):
+    r = np.random.default_rng(rank)
+    w0 = r.normal(size=(101, 5003))                            # rows span several chunks
+    steps = [(r.normal(size=(101, rank)), r.normal(size=(rank, 5003))) for _ in range(3)]
+    for n in (1, 2):
+        threads(n)
+        w_dense, w_low, c_dense, c_low = w0.copy(), w0.copy(), dict(hyper), dict(hyper)
+        for U, V in steps:
+            c_dense = getattr(optim, rule)(w_dense, U @ V, c_dense)
+            c_low = getattr(optim, rule)(w_low, LowRank(U, V), c_low)
+        assert rel_error(w_dense, w_low) < 1e-13, n
+        assert not np.array_equal(w_low, w0)
+        for k in optim._STATE_KEYS:
+            if k in c_dense:
+                assert rel_error(c_dense[k], c_low[k]) < 1e-13
+
+
+def test_lowrank_rejects_bad_shapes_and_materializes():
+    U, V = np.ones((4, 2)), np.arange(6.0).reshape(2, 3)
+    g = LowRank(U, V)
+    assert g.shape == (4, 3) and np.array_equal(g.materialize(), U @ V)
+    assert np.array_equal(g.rows(slice(1, 3)), (U @ V)[1:3])
+    with pytest.raises(ValueError, match='matrix product'):
+        LowRank(np.ones((4, 2)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match='gradient shape'):
+        optim.rmsprop(np.ones((4, 4)), g)
+
+
+def test_training_step_with_lowrank_equals_formed_gradient_and_runs_on_the_device():
+    """loss_and_grads(lowrank=True) + the optimizer = the formed-gradient step, on the CPU
+    and on the strict device stand-in (where the product is formed whole)."""
+    cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(3, 4), kernel=3, fc=(5,), z_dim=6, n_tasks=4)
+    r = np.random.default_rng(0)
+    x = r.normal(size=(2, 3, 8, 8, 3))
+    y = (r.random((2, 3)) > 0.5).astype(np.float64)
+    res = {}
+    for xp in (np, strict):
+        for lowrank in (False, True):
+            p = S.init_params(cfg, seed=0, xp=xp, dtype=np.float64)
+            loss, g, _ = S.loss_and_grads(p, to_device(x, xp), to_device(y, xp), [0, 2], cfg, lowrank=lowrank)
+            assert isinstance(g['gen.out.w'], LowRank) == lowrank
+            Optimizer('rmsprop', learning_rate=1e-2).step(p, g)
+            res[xp, lowrank] = {k: to_host(v) for k, v in p.items()}
+    for key in res:
+        for k in res[np, False]:
+            assert rel_error(res[np, False][k], res[key][k]) < 1e-13, (key, k)
