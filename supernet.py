@@ -258,52 +258,24 @@ def generator_forward(Z, params, cfg):
         pre, c_d = L.dense_forward(h, params[f'gen.h{l}.w'], params[f'gen.h{l}.b'])
         h, c_a = L.leaky_relu_forward(pre, cfg.alpha)
         caches.append((c_d, c_a))
-    theta, c_out = _out_layer_forward(h, params['gen.out.w'], params['gen.out.b'])
+    theta, c_out = L.dense_forward(h, params['gen.out.w'], params['gen.out.b'])
     c_tanh = None
     if cfg.gen_output == 'tanh':
         theta, c_tanh = L.tanh_forward(theta)
     return theta, (caches, c_out, c_tanh)
 
 
-def _row_blocks(W, xp):
-    """Row blocks of the (dim, P) output matrix, one per CPU thread (one block off the CPU)."""
-    return split_range(W.shape[0], get_num_threads() if xp is np else 1)
-
-
-def _out_layer_forward(h, W, b):
-    """The generator's big dense layer, theta = h @ W + b, h (G, dim), W (dim, P). It only
-    streams W (15 MB) from memory; the threads each take a block of W's rows:
-    theta = sum over blocks r of h[:, r] @ W[r] (+ b), partial sums only (G, P)."""
-    xp = get_xp(h, W, b)
-    blocks = _row_blocks(W, xp)
-    if len(blocks) == 1:
-        return L.dense_forward(h, W, b)
-    parts = parallel_map(lambda r: h[:, r] @ W[r], blocks)
-    theta = parts[0]
-    for p in parts[1:]:
-        theta += p
-    theta += b
-    return theta, (h, W)
-
-
 def _out_layer_backward(dpre, h, W, need_dW, lowrank=False):
-    """dh = dpre @ W.T and dW = h.T @ dpre (None unless need_dW; with lowrank, the
-    unformed product LowRank(h.T, dpre)), each thread taking a block of W's rows:
-    dW[r] = h[:, r].T @ dpre, dh[:, r] = dpre @ W[r].T."""
+    """The generator's big dense layer backward: dh = dpre @ W.T and dW = h.T @ dpre
+    (None unless need_dW; with lowrank, the unformed product LowRank(h.T, dpre)).
+    One thread: both stream the 15 MB of W (or dW) and are bound by memory bandwidth,
+    which a second thread does not add to here (measured slower)."""
     xp = get_xp(dpre, h, W)
-    dh = xp.empty(h.shape, dtype=dpre.dtype)
     dW = None
     if need_dW:
-        dW = LowRank(h.T, dpre)
-        if not lowrank:
-            dW = xp.empty(W.shape, dtype=dpre.dtype)
-
-    def block(r):
-        if need_dW and not lowrank:
-            xp.dot(h[:, r].T, dpre, out=dW[r])   # (rows, G) @ (G, P); numpy's matmul is 8x slower at G=1
-        dh[:, r] = dpre @ W[r].T                  # (G, P) @ (P, rows)
-    parallel_map(block, _row_blocks(W, xp))
-    return dh, dW
+        # xp.dot: numpy's matmul is 8x slower for the rank-1 (G = 1) outer product
+        dW = LowRank(h.T, dpre) if lowrank else xp.dot(h.T, dpre)
+    return dpre @ W.T, dW
 
 
 def generator_backward(dtheta, cache, need_param_grads=True, lowrank=False):

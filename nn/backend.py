@@ -18,9 +18,10 @@ strict stand-in for cupy) declare its module.
 CPU threads. numpy runs each call on one core (BLAS aside), so the CPU work is split by
 us: `set_num_threads(n)` starts a pool of n threads and `parallel_map(fn, items)` runs
 fn over items on it (numpy releases the GIL inside its kernels). The callers split
-coarsely: the classifier by image shards, the generator by column blocks, the
-optimizer by chunks of the flat parameter. BLAS is then set to one thread, so the two
-kinds of threads never compete for the cores. Until set_num_threads is called
+coarsely: the classifier by image shards, the optimizer by chunks of the flat
+parameter (the generator's products stream its 15 MB weight and are bound by memory
+bandwidth, which a second thread does not add to here). BLAS is then set to one
+thread, so the two kinds of threads never compete for the cores. Until set_num_threads is called
 everything runs on the calling thread and BLAS is left as it was.
 """
 import ctypes
@@ -173,10 +174,11 @@ def set_num_threads(n=None):
         raise ValueError(f"threads must be >= 1, or 0 for every usable CPU; got {n}")
     n = usable_cpus() if not n else int(n)
     with _POOL_LOCK:
-        if _POOL is not None:
-            _POOL.shutdown(wait=True)
-        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix='supernet') if n > 1 else None
-        _NTHREADS = n
+        if n != _NTHREADS or (n > 1) != (_POOL is not None):
+            if _POOL is not None:
+                _POOL.shutdown(wait=True)
+            _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix='supernet') if n > 1 else None
+            _NTHREADS = n
     set_blas_threads(1)
     return n
 

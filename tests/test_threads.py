@@ -1,6 +1,5 @@
 """CPU threads (nn.backend.set_num_threads) change how the work is split, never the
-result: the sharded classifier, the generator's row blocks and the optimizers' chunks
-give the serial numbers (to float rounding in sums; bit for bit where nothing is summed).
+result: the sharded classifier and the optimizers' chunks give the serial numbers (to float rounding in sums; bit for bit where nothing is summed).
 Also the rank-G generator gradient (nn.optim.LowRank), which the optimizers build chunk
 by chunk, against the formed gradient."""
 import numpy as np
@@ -96,23 +95,6 @@ def test_sharded_classifier_input_gradient(threads):
             logits, cache = S.classifier_forward(x, {k: v[:G] for k, v in w.items()}, CFG)
             res.append(S.classifier_backward(d, cache, need_dx=True)['x'])
         assert res[0].shape == x.shape and rel_error(res[0], res[1]) < 1e-13
-
-
-def test_generator_row_blocks_equal_serial(threads):
-    r = np.random.default_rng(1)
-    cfg = S.Config(n_tasks=6, gen_hidden=(9,))
-    p = S.init_params(cfg, dtype=np.float64)
-    Z = r.normal(size=(3, cfg.z_dim))
-    dtheta = r.normal(size=(3, S.count_params(cfg)['classifier']))
-    res = []
-    for n in (1, 3):
-        threads(n)
-        theta, cache = S.generator_forward(Z, p, cfg)
-        dZ, grads = S.generator_backward(dtheta, cache)
-        res.append((theta, dZ, grads))
-    assert rel_error(res[0][0], res[1][0]) < 1e-13 and rel_error(res[0][1], res[1][1]) < 1e-13
-    for k in res[0][2]:
-        assert rel_error(res[0][2][k], res[1][2][k]) < 1e-13, k
 
 
 RULES = [('sgd', {}), ('sgd_momentum', {}), ('rmsprop', {}), ('rmsprop', {'momentum': 0.5}), ('adam', {})]
