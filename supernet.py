@@ -350,8 +350,7 @@ def classifier_forward(x, weights, cfg):
     one per thread, run side by side; classifier_backward sums (or, for group shards,
     joins) their weight gradients. Same maths; float rounding depends on the thread count.
     """
-    if x.ndim != 5 or tuple(x.shape[2:]) != tuple(cfg.image_shape):
-        raise ValueError(f"classifier: input {tuple(x.shape)} should be (G, m, {', '.join(map(str, cfg.image_shape))})")
+    _check_images(x, cfg)
     xp = get_xp(x, *weights.values())
     shards = _shards(x.shape[0], x.shape[1], xp)
     if shards is None:
@@ -364,6 +363,11 @@ def classifier_forward(x, weights, cfg):
                              slices)
     logits = xp.concatenate([lg for lg, _ in parts], axis=1 if axis == 'm' else 0)
     return logits, ('shards', axis, slices, [c for _, c in parts])
+
+
+def _check_images(x, cfg):
+    if x.ndim != 5 or tuple(x.shape[2:]) != tuple(cfg.image_shape):
+        raise ValueError(f"classifier: input {tuple(x.shape)} should be (G, m, {', '.join(map(str, cfg.image_shape))})")
 
 
 def _classifier_forward(x, weights, cfg):
@@ -392,22 +396,57 @@ def classifier_backward(dlogits, cache, need_dx=False):
     if cache[0] != 'shards':
         return _classifier_backward(dlogits, cache, need_dx)
     _, axis, slices, caches = cache
-    xp = get_xp(dlogits)
-    if axis == 'm':
-        parts = parallel_map(lambda sc: _classifier_backward(dlogits[:, sc[0]], sc[1], need_dx),
-                             list(zip(slices, caches)))
-    else:
-        parts = parallel_map(lambda sc: _classifier_backward(dlogits[sc[0]], sc[1], need_dx),
-                             list(zip(slices, caches)))
+    cut = (lambda a, s: a[:, s]) if axis == 'm' else (lambda a, s: a[s])
+    parts = parallel_map(lambda sc: _classifier_backward(cut(dlogits, sc[0]), sc[1], need_dx),
+                         list(zip(slices, caches)))
+    return _merge_shard_grads(parts, axis, get_xp(dlogits))
+
+
+def _merge_shard_grads(parts, axis, xp):
+    """The shards' gradients as one dict: weights shared by image shards summed (in shard
+    order), per-group tensors (group shards) and the input gradient 'x' joined."""
     g = {}
     for k in parts[0]:
-        if axis == 'G' or k == 'x':               # per-group (or per-image) tensors: join
+        if axis == 'G' or k == 'x':
             g[k] = xp.concatenate([p[k] for p in parts], axis=1 if (k == 'x' and axis == 'm') else 0)
-        else:                                     # weights shared by the image shards: sum
+        else:
             g[k] = parts[0][k]
             for p in parts[1:]:
                 g[k] = g[k] + p[k]
     return g
+
+
+def classifier_loss_and_grads(x, y, weights, cfg):
+    """Forward, mean sigmoid cross-entropy and backward of the classifier in one call:
+    x (G, m, H, W, C), y (G, m), weights {name: (G, *shape)} -> (loss, {name: grad}, logits).
+    Same numbers as classifier_forward + sigmoid_cross_entropy + classifier_backward; on
+    several CPU threads each shard does all three on its own, taking its share n_s/N of
+    the mean (loss and dlogits scaled by it), so a step hands work to the threads once."""
+    _check_images(x, cfg)
+    xp = get_xp(x, *weights.values())
+    shards = _shards(x.shape[0], x.shape[1], xp)
+
+    def run(x_s, y_s, w_s, frac):
+        logits, cache = _classifier_forward(x_s, w_s, cfg)
+        loss, dlogits = sigmoid_cross_entropy(logits, y_s)
+        if frac != 1.0:
+            loss, dlogits = loss * frac, dlogits * frac
+        return loss, _classifier_backward(dlogits, cache), logits
+
+    if shards is None:
+        return run(x, y, weights, 1.0)
+    axis, slices = shards
+    n = x.shape[1] if axis == 'm' else x.shape[0]
+    if axis == 'm':
+        parts = parallel_map(lambda s: run(x[:, s], y[:, s], weights, (s.stop - s.start) / n), slices)
+    else:
+        parts = parallel_map(lambda s: run(x[s], y[s], {k: v[s] for k, v in weights.items()},
+                                           (s.stop - s.start) / n), slices)
+    loss = parts[0][0]
+    for p in parts[1:]:
+        loss = loss + p[0]
+    logits = xp.concatenate([p[2] for p in parts], axis=1 if axis == 'm' else 0)
+    return loss, _merge_shard_grads([p[1] for p in parts], axis, xp), logits
 
 
 def _classifier_backward(dlogits, cache, need_dx=False):
@@ -483,9 +522,7 @@ def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None, lowran
         Z = params['z'][to_device(tasks, xp)]                     # (G, z_dim)
     theta, g_cache = generator_forward(Z, params, cfg)           # (G, P)
     weights = split_theta(theta, cfg)
-    logits, c_cache = classifier_forward(x, weights, cfg)
-    loss, dlogits = sigmoid_cross_entropy(logits, y)
-    dweights = classifier_backward(dlogits, c_cache)
+    loss, dweights, logits = classifier_loss_and_grads(x, y, weights, cfg)
     dtheta = merge_theta(dweights, cfg, xp, theta.dtype)
     dZ, grads = generator_backward(dtheta, g_cache, need_param_grads=need_gen_grads, lowrank=lowrank)
     if use_table:
@@ -503,9 +540,7 @@ def baseline_loss_and_grads(weights, x, y, cfg):
     """The whole-network baseline: the same classifier, its weights trained directly.
     weights {name: shape}, x (m, H, W, C), y (m,) -> loss, {name: grad}, logits (m,)."""
     wg = {k: v[None] for k, v in weights.items()}
-    logits, cache = classifier_forward(x[None], wg, cfg)
-    loss, dlogits = sigmoid_cross_entropy(logits, y[None])
-    g = classifier_backward(dlogits, cache)
+    loss, g, logits = classifier_loss_and_grads(x[None], y[None], wg, cfg)
     return loss, {k: v[0] for k, v in g.items()}, logits[0]
 
 

@@ -80,6 +80,31 @@ def test_sharded_step_equals_serial(threads, monkeypatch, G, m):
             assert rel_error(out[1][1][k], out[n][1][k]) < 1e-12, (n, k)
 
 
+@pytest.mark.parametrize('G,m', [(1, 40), (4, 1), (2, 7)])
+def test_classifier_loss_and_grads_equals_its_three_parts(threads, monkeypatch, G, m):
+    """The one-hand-off sharded step (each shard: forward, its share of the mean loss,
+    backward) against forward + loss + backward, on one and on three threads."""
+    from nn.loss import sigmoid_cross_entropy
+    monkeypatch.setattr(S, '_MIN_SHARD', 1)
+    r = np.random.default_rng(G + m)
+    p = S.init_params(CFG, dtype=np.float64)
+    theta, _ = S.generator_forward(r.normal(size=(G, CFG.z_dim)), p, CFG)
+    w = S.split_theta(theta, CFG)
+    x = r.normal(size=(G, m, 32, 32, 3))
+    y = (r.random((G, m)) > 0.5).astype(np.float64)
+    threads(1)
+    logits, cache = S.classifier_forward(x, w, CFG)
+    loss, dlogits = sigmoid_cross_entropy(logits, y)
+    ref = S.classifier_backward(dlogits, cache)
+    for n in (1, 3):
+        threads(n)
+        loss2, g2, logits2 = S.classifier_loss_and_grads(x, y, w, CFG)
+        assert rel_error(loss, loss2) < 1e-14 and rel_error(logits, logits2) < 1e-14
+        assert set(g2) == set(ref)
+        for k in ref:
+            assert g2[k].shape == ref[k].shape and rel_error(ref[k], g2[k]) < 1e-12, (n, k)
+
+
 def test_sharded_classifier_input_gradient(threads):
     """classifier_backward(need_dx=True) joins the shards' image gradients in order."""
     r = np.random.default_rng(5)
