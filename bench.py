@@ -152,7 +152,8 @@ class Bench:
         The functions the step calls are wrapped with timers for the duration (PartTimer);
         'other' is the step's time outside them (fc layers, loss, split/merge, z rows)."""
         threads = get_num_threads()
-        set_num_threads(1)
+        if self.xp is np:
+            set_num_threads(1)
         try:
             with PartTimer(self.cfg, self.xp, self.opt) as pt:
                 for k in range(warmup + repeats):
@@ -161,7 +162,8 @@ class Bench:
                     pt.end_step(keep=k >= warmup)
             return pt.medians()
         finally:
-            set_num_threads(threads)
+            if self.xp is np:
+                set_num_threads(threads)
 
     def peak_memory(self):
         """Peak bytes of the numpy allocations made during one step (tracemalloc; host only),
@@ -185,29 +187,31 @@ class Bench:
 class PartTimer:
     """Times the parts of the real step by wrapping, while in use, the module functions it
     calls: supernet's generator forward/backward, nn.layers' conv and leaky-ReLU forward and
-    backward, and the optimizer's step. Conv calls are named by layer from their spatial
-    size. Not thread-safe: use with one thread."""
+    backward, and the optimizer's step. Conv calls are named by layer from their order in
+    the step (forward conv1..convL, backward convL..conv1). A call made inside another
+    timed call (the generator's hidden leaky ReLUs) counts for the outer one only. Not
+    thread-safe: use with one thread."""
 
     def __init__(self, cfg, xp, optimizer):
         self.sync = lambda: synchronize(xp)
-        H, sizes = cfg.image_shape[0], []
-        for _ in cfg.conv_filters:
-            sizes.append(H)
-            H, _, _ = L.conv_output_size(H, cfg.kernel, cfg.stride, cfg.padding)
-            sizes.append(H)
-        self.conv_in = {h: i for i, h in reversed(list(enumerate(sizes[::2], 1)))}
-        self.conv_out = {h: i for i, h in reversed(list(enumerate(sizes[1::2], 1)))}
+        self.n_conv = len(cfg.conv_filters)
         self.rule = optimizer.rule
         self.targets = [
-            (S, 'generator_forward', lambda a: 'generator forward'),
-            (S, 'generator_backward', lambda a: 'generator backward'),
-            (L, 'conv_forward', lambda a: f'conv{self.conv_in[a[0].shape[-3]]} forward'),
-            (L, 'conv_backward', lambda a: f'conv{self.conv_out[a[0].shape[-3]]} backward'),
-            (L, 'leaky_relu_forward', lambda a: 'leaky ReLU forward (all)'),
-            (L, 'leaky_relu_backward', lambda a: 'leaky ReLU backward (all)'),
-            (optimizer, 'step', lambda a: f'optimizer ({self.rule})'),
+            (S, 'generator_forward', lambda: 'generator forward'),
+            (S, 'generator_backward', lambda: 'generator backward'),
+            (L, 'conv_forward', lambda: f'conv{self._count("fwd") % self.n_conv + 1} forward'),
+            (L, 'conv_backward', lambda: f'conv{self.n_conv - self._count("bwd") % self.n_conv} backward'),
+            (L, 'leaky_relu_forward', lambda: 'leaky ReLU forward (all)'),
+            (L, 'leaky_relu_backward', lambda: 'leaky ReLU backward (all)'),
+            (optimizer, 'step', lambda: f'optimizer ({self.rule})'),
         ]
-        self.laps, self.step_laps = {}, {}
+        self.laps, self.step_laps, self.counts, self.depth = {}, {}, {}, 0
+
+    def _count(self, kind):
+        """How many calls of this kind came before in this step."""
+        k = self.counts.get(kind, 0)
+        self.counts[kind] = k + 1
+        return k
 
     def __enter__(self):
         self.saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self.targets]
@@ -225,17 +229,23 @@ class PartTimer:
 
     def _timed(self, fn, namer):
         def wrapper(*args, **kwargs):
+            if self.depth:                       # inside another timed part: its time
+                return fn(*args, **kwargs)
+            name = namer()
             self.sync()
             t = time.perf_counter()
-            out = fn(*args, **kwargs)
+            self.depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
             self.sync()
-            name = namer(args)
             self.step_laps[name] = self.step_laps.get(name, 0.0) + time.perf_counter() - t
             return out
         return wrapper
 
     def start_step(self):
-        self.step_laps = {}
+        self.step_laps, self.counts = {}, {}
         self.sync()
         self.t0 = time.perf_counter()
 
@@ -468,13 +478,17 @@ def parse_args(argv=None):
     ap.add_argument('--batches', type=int, nargs='+', default=[20, 128, 512], help='one-task batch sizes')
     ap.add_argument('--mixed', type=int, nargs=2, default=[8, 64], metavar=('TASKS', 'PER_TASK'),
                     help='the mixed-task step')
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0: every usable CPU), got {args.threads}")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     xp = get_device_module(args.device)      # RuntimeError with a clear message if no GPU
-    set_num_threads(args.threads)            # ours; BLAS on one thread
+    if xp is np:
+        set_num_threads(args.threads)        # ours; BLAS on one thread
     res = run(args, xp)
     print_table(res)
     if args.json:

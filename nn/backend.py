@@ -18,8 +18,8 @@ strict stand-in for cupy) declare its module.
 CPU threads. numpy runs each call on one core (BLAS aside), so the CPU work is split by
 us: `set_num_threads(n)` starts a pool of n threads and `parallel_map(fn, items)` runs
 fn over items on it (numpy releases the GIL inside its kernels). The callers split
-coarsely: the classifier by image shards, the optimizer by chunks of the flat
-parameter (the generator's products stream its 15 MB weight and are bound by memory
+coarsely: the classifier by image shards (or task groups), the optimizer by chunks of
+the parameter (the generator's products stream its 15 MB weight and are bound by memory
 bandwidth, which a second thread does not add to here). BLAS is then set to one
 thread, so the two kinds of threads never compete for the cores. Until set_num_threads is called
 everything runs on the calling thread and BLAS is left as it was.
@@ -27,7 +27,8 @@ everything runs on the calling thread and BLAS is left as it was.
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -132,43 +133,54 @@ def usable_cpus():
     return os.cpu_count() or 1
 
 
-def _blas_setters():
-    """The thread-count setters of the OpenBLAS libraries loaded in this process (Linux:
-    found in /proc/self/maps, as threadpoolctl does). numpy's wheels ship OpenBLAS under
-    a prefixed name (scipy_openblas_set_num_threads64_)."""
+
+def _openblas_functions(suffix):
+    """The `<prefix>_<suffix>` functions of the OpenBLAS libraries loaded in this process
+    (Linux: found in /proc/self/maps, as threadpoolctl does). numpy's wheels ship OpenBLAS
+    under a prefixed, 64-bit-suffixed name (scipy_openblas_set_num_threads64_)."""
     try:
         with open('/proc/self/maps') as f:
             paths = {line.split()[-1] for line in f if 'openblas' in line.lower() and '.so' in line}
     except OSError:
         return []
-    setters = []
+    found = []
     for path in sorted(paths):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in ('openblas_set_num_threads', 'scipy_openblas_set_num_threads64_',
-                     'scipy_openblas_set_num_threads', 'openblas_set_num_threads64_'):
+        for name in (f'openblas_{suffix}', f'scipy_openblas_{suffix}64_', f'scipy_openblas_{suffix}',
+                     f'openblas_{suffix}64_'):
             fn = getattr(lib, name, None)
             if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_int], None
-                setters.append(fn)
+                found.append(fn)
                 break
-    return setters
+    return found
 
 
 def set_blas_threads(n):
     """Set OpenBLAS's thread count at run time. Returns False when no OpenBLAS was found
     (another BLAS: set its environment variable, e.g. MKL_NUM_THREADS, before starting)."""
-    setters = _blas_setters()
+    setters = _openblas_functions('set_num_threads')
     for fn in setters:
+        fn.argtypes, fn.restype = [ctypes.c_int], None
         fn(int(n))
     return bool(setters)
 
 
+def get_blas_threads():
+    """OpenBLAS's thread count, or None when no OpenBLAS was found."""
+    getters = _openblas_functions('get_num_threads')
+    if not getters:
+        return None
+    getters[0].argtypes, getters[0].restype = [], ctypes.c_int
+    return int(getters[0]())
+
+
 def set_num_threads(n=None):
-    """Run the CPU work on n threads (None or 0: every usable CPU). BLAS is set to one
-    thread: the parallelism is ours. Returns n."""
+    """Run the CPU work on n threads (None or 0: every usable CPU). OpenBLAS is set to one
+    thread: the parallelism is ours (another BLAS cannot be set from here: a warning says
+    so when n > 1). Returns n."""
     global _POOL, _NTHREADS
     if n is not None and int(n) < 0:
         raise ValueError(f"threads must be >= 1, or 0 for every usable CPU; got {n}")
@@ -179,7 +191,10 @@ def set_num_threads(n=None):
                 _POOL.shutdown(wait=True)
             _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix='supernet') if n > 1 else None
             _NTHREADS = n
-    set_blas_threads(1)
+    if not set_blas_threads(1) and n > 1:
+        warnings.warn("supernet: no OpenBLAS found to set to one thread; set your BLAS's own thread "
+                      "count to 1 (e.g. MKL_NUM_THREADS=1) so that it and supernet's threads do not "
+                      "compete for the cores", RuntimeWarning, stacklevel=2)
     return n
 
 
@@ -198,15 +213,14 @@ def parallel_map(fn, items):
     futures = [pool.submit(fn, it) for it in items[1:]]
     try:
         first = fn(items[0])
-    except BaseException:
-        for f in futures:                 # let the others finish before the error goes up
-            f.exception()
-        raise
+    finally:
+        wait(futures)                     # every item has finished before anything goes up
     return [first] + [f.result() for f in futures]
 
 
 def split_range(n, parts):
-    """Cut range(n) into at most `parts` contiguous, near-equal, non-empty slices."""
+    """Cut range(n) into at most `parts` contiguous, near-equal slices (non-empty, but
+    one empty slice for n = 0)."""
     parts = max(1, min(parts, n))
     bounds = [n * i // parts for i in range(parts + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -99,10 +99,11 @@ def _pad_hw(pad):
 
 
 # im2col works on blocks of images: each block's patch matrix is about this size, so it
-# is built and consumed while it is still in cache, and the whole (N*Ho*Wo, K) matrix
-# (39 MB for conv1 at batch 512) is never allocated: fresh allocations that large are
-# page-faulted in on every step. One block on a GPU.
-_BLOCK_BYTES = 2048 << 10
+# is built and consumed while it is still in cache, and no (N*Ho*Wo, K) matrix is
+# allocated in one piece (39 MB for conv1 at batch 512: fresh allocations that large
+# are page-faulted in on every step). The first layer keeps its blocks for the backward
+# (for_backward); the others free each block after use. One block on a GPU.
+_BLOCK_BYTES = 2 << 20
 
 
 def _image_blocks(xp, n, bytes_per_image):
@@ -141,13 +142,15 @@ def _im2col(xp, a, kh, kw, Ho, Wo, stride):
     return _windows(xp, a, kh, kw, Ho, Wo, stride).reshape(G, n * Ho * Wo, kh * kw * C)
 
 
-def conv_forward(x, w, b, stride=1, pad='SAME'):
+def conv_forward(x, w, b, stride=1, pad='SAME', for_backward=True):
     """2-D convolution (cross-correlation, as every framework) via im2col + matmul.
 
     x:   (N, H, W, C)          or grouped (G, N, H, W, C)
     w:   (kh, kw, C, F)        or grouped (G, kh, kw, C, F)
     b:   (F,)                  or grouped (G, F)
     stride: int; pad: 'SAME' | 'VALID' | int | ((top, bottom), (left, right))
+    for_backward: keep the patch matrix when conv_backward will want it (F > C, the
+                  first layer); False for a forward-only pass (evaluation) saves that memory
     out: (N, Ho, Wo, F)        or grouped (G, N, Ho, Wo, F)
     cache: what conv_backward needs (the padded input, the weights, the geometry)
     """
@@ -176,7 +179,7 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
     w2 = wg.reshape(G, K, F)
     b_row = xp.tile(bg, (1, Wo))[:, None, :]            # (G, 1, Wo*F): the bias along an output row
     out = xp.empty((G, N, Ho, Wo, F), dtype=x.dtype)
-    keep_cols = not _dw_from_d(C, F)                    # conv_backward's dw will need im2col(x) again
+    keep_cols = for_backward and not _dw_from_d(C, F)   # conv_backward's dw will need im2col(x) again
     cols = []
     for blk in _image_blocks(xp, N, G * Ho * Wo * K * x.dtype.itemsize):
         o = out[:, blk].reshape(G, -1, F)                # a view (each group's block is contiguous)
@@ -186,7 +189,7 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
         o_rows += b_row                                  # the add runs over Wo*F values, not F
         if keep_cols:
             cols.append((blk, col))
-    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped, cols)
+    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped, cols if keep_cols else None)
     return (out if grouped else out[0]), cache
 
 
@@ -263,8 +266,9 @@ def conv_backward(dout, cache, need_dx=True):
     """dout: like out -> (dx like x, dw like w, db like b).
 
     db = sum of dout. dx (and dw when F <= C) by _conv_grads_by_phase; otherwise dw =
-    im2col(x).T @ dout over the patch-matrix blocks that conv_forward kept (for the first
-    layer, C=3 < F=16: 39 MB at batch 512, cheaper to keep than to rebuild). Which dw method runs depends only on the shapes, so need_dx does not change dw.
+    im2col(x).T @ dout over the patch-matrix blocks that conv_forward kept (the first
+    layer, C=3 < F=16: 39 MB at batch 512, cheaper to keep than to rebuild; rebuilt
+    when the forward was told for_backward=False). Which dw method runs depends only on the shapes, so need_dx does not change dw.
     need_dx=False skips the input gradient (returns dx=None): the first layer's input is
     the image, which needs none.
     """
@@ -281,6 +285,9 @@ def conv_backward(dout, cache, need_dx=True):
         dx, dw = _conv_grads_by_phase(xp, d, xpad, w2.reshape(G, kh, kw, C, F), H, W, pads, stride,
                                       need_dx, dw_from_d)
     if not dw_from_d:
+        if cols is None:                                 # a forward-only cache: rebuild the blocks
+            cols = [(blk, _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride))
+                    for blk in _image_blocks(xp, N, G * Ho * Wo * K * d.dtype.itemsize)]
         for blk, col in cols:                            # the forward's im2col blocks
             part = d[:, blk].reshape(G, -1, F).swapaxes(1, 2) @ col    # (G, F, K): dw transposed,
             dw = part if dw is None else dw + part       # faster than col.T @ d; summed over the blocks

@@ -11,9 +11,9 @@ so nothing is hidden: save the configs and you have saved the optimizer.
   adam          m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
                 w -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)
 
-On the CPU the updates run over L2-sized chunks of the flat parameter with a
-chunk-sized scratch buffer: every pass stays in cache and no temporary the size
-of the (3.75M-element) generator is ever allocated. With several CPU threads
+On the CPU the updates run over cache-sized chunks of the flat parameter (128K
+values) with a chunk-sized scratch buffer: the passes of an update run on data in
+cache and no temporary the size of the (3.75M-element) generator is ever allocated. With several CPU threads
 (nn.backend.set_num_threads) the chunks are shared out, one scratch buffer per
 thread. On the GPU it is one pass.
 """
@@ -38,7 +38,8 @@ class LowRank:
         if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0]:
             raise ValueError(f"LowRank: U {tuple(U.shape)} @ V {tuple(V.shape)} is not a matrix product")
         self.U, self.V = U, V
-        self.shape, self.dtype = (U.shape[0], V.shape[1]), V.dtype
+        self.shape = (U.shape[0], V.shape[1])
+        self.dtype = get_xp(U, V).result_type(U.dtype, V.dtype)
 
     def rows(self, r, out=None):
         """Rows r of U @ V (xp.dot: numpy's matmul is 8x slower for the rank-1 outer product)."""
@@ -59,35 +60,43 @@ def _scratch(xp, w, config, n_buffers, size):
 
 
 def _update_in_chunks(kernel, config, w, dw, *state):
-    """kernel(t, w_chunk, g_chunk, *state_chunks) over matching chunks, t a chunk-sized
-    scratch; the chunks are shared out over the CPU threads. A LowRank dw is built a
-    block of rows at a time into a second scratch (on a device: formed whole)."""
+    """kernel(t, w_chunk, g_chunk, *state_chunks) over matching flat chunks, t a
+    chunk-sized scratch; the chunks are shared out over the CPU threads. A LowRank dw is
+    built a block of whole rows at a time into a second scratch (formed whole on a device,
+    or when its dtype is not w's)."""
     xp = get_xp(w, *state)
+    if not all(a.flags.c_contiguous for a in (w,) + state):
+        raise ValueError("optimizer: a parameter and its state must be C-contiguous (they are updated in place)")
     lowrank = isinstance(dw, LowRank)
-    if lowrank and (xp is not np or w.ndim != 2):
+    if lowrank and (xp is not np or dw.dtype != w.dtype or w.shape[1] == 0):
         dw, lowrank = dw.materialize(), False
     if lowrank:
-        step = max(1, _CHUNK // w.shape[1])
-        pieces = [slice(r, r + step) for r in range(0, w.shape[0], step)]
-        size = min(step, w.shape[0]) * w.shape[1]
+        cols = w.shape[1]
+        step = max(1, _CHUNK // cols)                           # whole rows per chunk
+        rows = [slice(r, min(r + step, w.shape[0])) for r in range(0, w.shape[0], step)]
+        pieces = [slice(r.start * cols, r.stop * cols) for r in rows]
+        size = min(step, w.shape[0]) * cols
+        g = None
     else:
         step = _CHUNK if xp is np else max(w.size, 1)
         pieces = [slice(s, s + step) for s in range(0, w.size, step)]
         size = min(step, w.size)
-    flat = lambda a, sl: a[sl].reshape(-1) if lowrank else a.reshape(-1)[sl]
+        g = xp.ascontiguousarray(dw).reshape(-1)                # one copy at most, not one per chunk
+    flats = [a.reshape(-1) for a in (w,) + state]               # views: the arrays are contiguous
     n = max(1, min(get_num_threads(), len(pieces))) if xp is np else 1
     scratch = _scratch(xp, w, config, 2 * n if lowrank else n, size)
 
     def run(i_part):
         i, part = i_part
-        for sl in pieces[part]:
-            wc = flat(w, sl)
+        for k in range(part.start, part.stop):
+            sl = pieces[k]
+            wc = flats[0][sl]
             if lowrank:
                 gc = scratch[n + i, :wc.size]
-                dw.rows(sl, out=gc.reshape(-1, w.shape[1]))
+                dw.rows(rows[k], out=gc.reshape(-1, cols))
             else:
-                gc = flat(dw, sl)
-            kernel(scratch[i, :wc.size], wc, gc, *(flat(a, sl) for a in state))
+                gc = g[sl]
+            kernel(scratch[i, :wc.size], wc, gc, *(f[sl] for f in flats[1:]))
 
     parallel_map(run, enumerate(split_range(len(pieces), n)))
 

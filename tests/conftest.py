@@ -7,6 +7,10 @@ per fine class (2,000 / 1,000 images), seed 0. Written once per session.
 ``tiny_cifar``: that set loaded with ``data.load_cifar100`` (a ``Cifar100``).
 Session-scoped and shared: do not modify its arrays in place (copy, or use
 ``dataclasses.replace``).
+
+``_restore_cpu_threads`` (autouse): puts supernet's CPU thread count back after each
+test. OpenBLAS stays on one thread once any test has started the pool; the tests
+compare results within one thread setting, never across BLAS settings.
 """
 
 import sys

@@ -85,6 +85,36 @@ def test_part_timer_times_the_real_step_and_restores_it():
     assert 'optimizer (rmsprop)' not in parts               # loss_and_grads alone: no update
 
 
+def test_part_timer_counts_nested_calls_once_and_restores_on_error():
+    """With hidden generator layers the generator calls leaky ReLU itself: that time is
+    the generator's, not the activations'. An error inside the step still restores the
+    wrapped functions."""
+    cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(3, 4), kernel=3, fc=(5,), z_dim=6, n_tasks=4,
+                   gen_hidden=(7,))
+    b = bench.Bench(cfg, 1, 3, np)
+    calls = []
+    real = L.leaky_relu_forward
+    with bench.PartTimer(cfg, np, b.opt) as pt:
+        pt.start_step()
+        S.generator_forward(b.params['z'][:1], b.params, cfg)      # calls leaky ReLU inside
+        pt.end_step(keep=True)
+        assert list(pt.laps) == ['generator forward', 'other (fc layers, loss, split/merge, z rows)']
+        pt.start_step()
+        b.step()
+        pt.end_step(keep=True)
+        calls = list(pt.laps)
+    assert 'leaky ReLU forward (all)' in calls and 'conv2 backward' in calls and 'conv3 forward' not in calls
+    with pytest.raises(ZeroDivisionError):
+        with bench.PartTimer(cfg, np, b.opt):
+            1 / 0
+    assert L.leaky_relu_forward is real and 'step' not in vars(b.opt)
+
+
+def test_threads_flag_is_checked():
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--threads', '-2'])
+
+
 def test_flop_count_of_the_original_classifier():
     cfg = S.Config()
     f = bench.step_flops(cfg, 1, 1)
@@ -133,6 +163,24 @@ def test_conv_paths_gradcheck(case):
         assert check_gradient(f, arr, grad, dout) < 1e-6
     _, dw2, db2 = L.conv_backward(dout, cache, need_dx=False)
     assert np.array_equal(dw, dw2) and np.array_equal(db, db2)
+
+
+@pytest.mark.parametrize('case', CONV_PATH_CASES)
+def test_forward_only_cache_gives_the_same_backward(monkeypatch, case):
+    """conv_forward(for_backward=False) keeps no patch matrix; conv_backward rebuilds it
+    (many blocks here) and must give the gradients of the kept one bit for bit."""
+    monkeypatch.setattr(L, '_BLOCK_BYTES', 1)
+    shape_x, shape_w, pad, stride = case
+    r = np.random.default_rng(4)
+    x, w = r.normal(size=shape_x), r.normal(size=shape_w)
+    b = r.normal(size=shape_w[:-4] + shape_w[-1:])
+    out, kept = L.conv_forward(x, w, b, stride, pad)
+    out2, lean = L.conv_forward(x, w, b, stride, pad, for_backward=False)
+    assert np.array_equal(out, out2) and lean[-1] is None
+    assert (kept[-1] is not None) == (shape_w[-1] > shape_w[-2])      # kept only when F > C
+    dout = r.normal(size=out.shape)
+    for a, e in zip(L.conv_backward(dout, kept), L.conv_backward(dout, lean)):
+        assert np.array_equal(a, e)
 
 
 @pytest.mark.parametrize('case', CONV_PATH_CASES)

@@ -38,11 +38,35 @@ def test_set_num_threads_and_parallel_map(threads):
 
 
 def test_blas_is_set_to_one_thread_where_openblas_is_loaded(threads):
-    with open('/proc/self/maps') as f:
-        has_openblas = 'openblas' in f.read().lower()
+    try:
+        with open('/proc/self/maps') as f:
+            has_openblas = 'openblas' in f.read().lower()
+    except OSError:
+        pytest.skip('no /proc/self/maps here (not Linux)')
     if not has_openblas:
         pytest.skip('numpy here does not use OpenBLAS')
-    assert backend.set_blas_threads(1) is True
+    before = backend.get_blas_threads()
+    try:
+        assert backend.set_blas_threads(2) is True and backend.get_blas_threads() == 2
+        threads(2)
+        assert backend.get_blas_threads() == 1
+    finally:
+        backend.set_blas_threads(before)
+
+
+def test_parallel_map_waits_for_every_item_before_an_error_goes_up(threads):
+    import time
+    threads(3)
+    finished = []
+
+    def work(i):
+        if i == 1:
+            raise RuntimeError('item 1 failed')
+        time.sleep(0.2 if i == 2 else 0)
+        finished.append(i)
+    with pytest.raises(RuntimeError, match='item 1 failed'):
+        backend.parallel_map(work, range(3))
+    assert sorted(finished) == [0, 2]            # the slow item 2 was done before the raise
 
 
 CFG = S.Config(n_tasks=6)
@@ -105,13 +129,14 @@ def test_classifier_loss_and_grads_equals_its_three_parts(threads, monkeypatch, 
             assert g2[k].shape == ref[k].shape and rel_error(ref[k], g2[k]) < 1e-12, (n, k)
 
 
-def test_sharded_classifier_input_gradient(threads):
+def test_sharded_classifier_input_gradient(threads, monkeypatch):
+    monkeypatch.setattr(S, '_MIN_SHARD', 1)
     """classifier_backward(need_dx=True) joins the shards' image gradients in order."""
     r = np.random.default_rng(5)
     p = S.init_params(CFG, dtype=np.float64)
     theta, _ = S.generator_forward(p['z'][:2], p, CFG)
     w = S.split_theta(theta, CFG)
-    for G, m in [(2, 40), (2, 3)]:
+    for G, m in [(2, 40), (2, 3)]:                    # image shards; group shards
         x = r.normal(size=(G, m, 32, 32, 3))
         d = r.normal(size=(G, m))
         res = []
@@ -159,6 +184,30 @@ def test_lowrank_gradient_equals_the_formed_one(threads, rule, hyper, rank):
         for k in optim._STATE_KEYS:
             if k in c_dense:
                 assert rel_error(c_dense[k], c_low[k]) < 1e-13
+
+
+def test_lowrank_edge_cases(threads):
+    """One row wider than a chunk, a float64 product for float32 weights (formed, then
+    cast like any gradient), zero columns; a non-contiguous gradient works, a
+    non-contiguous parameter is refused (it could not be updated in place)."""
+    r = np.random.default_rng(7)
+    threads(2)
+    cases = [((1, optim._CHUNK + 5), np.float64, np.float64), ((3, 40), np.float32, np.float64),
+             ((4, 0), np.float64, np.float64)]
+    for shape, wdt, gdt in cases:
+        w0 = r.normal(size=shape).astype(wdt)
+        U, V = r.normal(size=(shape[0], 2)).astype(gdt), r.normal(size=(2, shape[1])).astype(gdt)
+        w1, w2 = w0.copy(), w0.copy()
+        optim.rmsprop(w1, U @ V, {})
+        optim.rmsprop(w2, LowRank(U, V), {})
+        assert w2.dtype == wdt and np.array_equal(w1, w2), shape
+    g = r.normal(size=(50, 30))
+    w1, w2 = np.zeros((30, 50)), np.zeros((30, 50))
+    optim.adam(w1, np.ascontiguousarray(g.T), {})
+    optim.adam(w2, g.T, {})                                   # a transposed view
+    assert np.array_equal(w1, w2)
+    with pytest.raises(ValueError, match='C-contiguous'):
+        optim.rmsprop(np.zeros((30, 50)).T, g, {})
 
 
 def test_lowrank_rejects_bad_shapes_and_materializes():
