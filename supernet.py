@@ -326,12 +326,16 @@ def merge_theta(dweights, cfg, xp, dtype):
 # =========================================================================== classifier
 
 def _shards(G, m, xp):
-    """How classifier_forward splits a (G, m) batch over the CPU threads: ('m', slices)
-    (image shards of every group, the usual case), ('G', slices) (groups, when each has
-    too few images), or None (one thread, a device array, or a batch too small)."""
+    """How the classifier splits a (G, m) batch over the CPU threads: ('G', slices) (whole
+    task groups per thread, when they divide evenly: no weight gradients to sum, bigger
+    products; measured 2-3% faster than image shards for 8x64), ('m', slices) (image shards
+    of every group, the one-task case), or None (one thread, a device array, or a batch
+    too small to be worth it)."""
     n = get_num_threads() if xp is np else 1
     if n < 2 or G * m < 2 * _MIN_SHARD:
         return None
+    if G % n == 0:
+        return 'G', split_range(G, n)
     if m >= 2 * n:
         return 'm', split_range(m, min(n, m // _MIN_SHARD) if G == 1 else n)
     if G >= n:

@@ -76,8 +76,11 @@ def test_how_the_batch_is_cut(threads):
     threads(2)
     assert S._shards(1, 20, np) is None                          # too few images: one thread
     assert S._shards(1, 128, np) == ('m', [slice(0, 64), slice(64, 128)])
-    assert S._shards(8, 64, np) == ('m', [slice(0, 32), slice(32, 64)])
+    assert S._shards(8, 64, np) == ('G', [slice(0, 4), slice(4, 8)])      # whole groups when they divide
+    assert S._shards(3, 64, np) == ('m', [slice(0, 32), slice(32, 64)])   # else images, evenly
+    assert S._shards(3, 2, np) is None                                   # 6 images: one thread
     assert S._shards(40, 1, np) == ('G', [slice(0, 20), slice(20, 40)])
+    assert S._shards(5, 1, np) is None
     assert S._shards(1, 128, strict) is None                     # a device: no CPU threads
     threads(1)
     assert S._shards(1, 512, np) is None
