@@ -19,7 +19,8 @@ Backward, the chain rule read right to left:
                                                             layer's usual weight gradient
                                                             (e.g. dW_fc = h.T @ dout)
     dpre               = dtheta * (1 - theta**2)           through the tanh (dpre = dtheta if linear)
-    dW                 = h_L.T @ dpre                       (dim_L, P)  one matrix product
+    dW                 = h_L.T @ dpre                       (dim_L, P)  one matrix product, rank G:
+                                                            training passes it unformed (LowRank)
     db                 = sum_g dpre                         (P,)
     dh_L               = dpre @ W.T                         then back through the hidden layers
     dZ                 = dh_0;  dz[task_g] = dZ[g]          into the task vectors
@@ -33,6 +34,9 @@ Parameter dicts (keys):
                'gen.out.b' (P,), 'z' (n_tasks, z_dim)
     baseline:  'conv1.w', 'conv1.b', ..., 'fc1.w', ..., 'out.w', 'out.b'
 Gradient dicts have the same keys.
+
+On the CPU with several threads (nn.backend.set_num_threads) the classifier's batch is
+cut into shards, one per thread (classifier_loss_and_grads, classifier_forward).
 """
 import dataclasses
 import json
