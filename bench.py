@@ -12,6 +12,7 @@ One run measures and prints:
     timed by wrapping the functions the real step calls (no copy of the step), on one
     thread, so each part's time is its CPU work;
   * the step's peak memory: numpy allocations (tracemalloc) and the process's peak RSS;
+  * --vs-torch: PyTorch's conv layers alone on one thread, beside our breakdown;
   * --vs-torch: the same step in PyTorch, timed side by side (interleaved in short runs,
     the first call of each run discarded, so that neither library's thread pool spinning
     down slows the other), the speed ratio torch_ms / our_ms (>= 1: we are faster), and a
@@ -338,6 +339,40 @@ class TorchStep:
         return loss
 
 
+def torch_conv_parts(cfg, G, m, device, sync, warmup, repeats):
+    """PyTorch's conv layers alone, laid out as TorchStep runs them (NHWC memory viewed as
+    NCHW, so oneDNN takes its channels-last path; TF SAME padding by F.pad), on ONE thread
+    like our breakdown: {'conv{i} forward' / 'conv{i} backward': median ms} for G*m images
+    (one weight set: the per-layer cost of the kernels, not of the grouping)."""
+    torch = torch_module()
+    F = torch.nn.functional
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    r = np.random.default_rng(0)
+    H, W, C = cfg.image_shape
+    parts = {}
+    try:
+        for i, f in enumerate(cfg.conv_filters, 1):
+            Ho, pt, pb = L.conv_output_size(H, cfg.kernel, cfg.stride, cfg.padding)
+            Wo, pl, pr = L.conv_output_size(W, cfg.kernel, cfg.stride, cfg.padding)
+            x = torch.tensor(r.normal(size=(G * m, H, W, C)).astype(np.float32), device=device)
+            x = x.permute(0, 3, 1, 2).requires_grad_(i > 1)        # no input gradient for conv1
+            w = torch.tensor(r.normal(size=(f, C, cfg.kernel, cfg.kernel)).astype(np.float32),
+                             device=device, requires_grad=True)
+            b = torch.zeros(f, device=device, requires_grad=True)
+            fwd = lambda: F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, b, stride=cfg.stride)
+            out = fwd()
+            dout = torch.tensor(r.normal(size=tuple(out.shape)).astype(np.float32), device=device)
+            inputs = [x, w, b] if i > 1 else [w, b]
+            both = lambda: torch.autograd.grad(fwd(), inputs, dout)
+            t_fwd, t_both = median_ms([fwd, both], sync, warmup, repeats)
+            parts[f'conv{i} forward'], parts[f'conv{i} backward'] = t_fwd, t_both - t_fwd
+            H, W, C = Ho, Wo, f
+    finally:
+        torch.set_num_threads(threads)
+    return parts
+
+
 def torch_agreement(cfg, tasks=(1,), m=3, seed=0, corrupt=None):
     """Our loss and gradients against PyTorch autograd's, in float64, for random non-trivial
     parameters (random z and generator biases, weights scaled so the tanh is neither
@@ -408,6 +443,9 @@ def run(args, xp):
         row['loss_finite'] = bool(np.isfinite(float(to_host(b.step()))))
         res['steps'].append(row)
         res['breakdown'][name] = b.breakdown(1, max(3, repeats // 2))
+        if args.vs_torch:
+            res.setdefault('torch_breakdown', {})[name] = torch_conv_parts(
+                cfg, G, m, torch_dev, tsync, 1, max(3, repeats // 2))
         res['memory'][name] = b.peak_memory()
 
     # one mixed G x m step against G one-task steps of m images (the same images)
@@ -456,6 +494,11 @@ def print_table(res, out=None):
         vals = [sum(b.values()) if part == 'sum of parts' else b.get(part, float('nan'))
                 for b in res['breakdown'].values()]
         p(f"{part:>32} " + ' '.join(f'{v:>8.2f}' for v in vals))
+    if 'torch_breakdown' in res:
+        p("PyTorch's conv layers alone, same images, ONE thread (ms, median; backward = forward+backward - forward):")
+        tb = res['torch_breakdown']
+        for part in tb[names[0]]:
+            p(f"{'torch ' + part:>32} " + ' '.join(f"{tb[n].get(part, float('nan')):>8.2f}" for n in names))
     p("peak memory of a step (numpy allocations in the step, tracemalloc; process peak RSS; page faults):")
     for n, v in res['memory'].items():
         numpy_mb = 'n/a' if v['step_peak_mb'] is None else f"{v['step_peak_mb']:.1f} MB"

@@ -243,8 +243,10 @@ def test_vs_torch_quick_run(tmp_path, capsys):
     res = bench.main(['--quick', '--vs-torch', '--batches', '4', '--mixed', '2', '2',
                       '--json', str(tmp_path / 'b.json')])
     out = capsys.readouterr().out
-    assert 'torch/ours' in out and 'torch oracle' in out
+    assert 'torch/ours' in out and 'torch oracle' in out and 'torch conv2 backward' in out
     for s in res['steps']:
         assert s['torch_ms'] > 0 and s['speed_vs_torch'] == pytest.approx(s['torch_ms'] / s['ms'])
+        parts = res['torch_breakdown'][s['name']]
+        assert len(parts) == 8 and all(v == v for v in parts.values())          # 4 convs x fwd/bwd, no NaN
     assert res['torch_check']['max_rel_error'] < 1e-6
     assert json.loads((tmp_path / 'b.json').read_text())['torch_check']['dtype'] == 'float64'
