@@ -443,10 +443,10 @@ def run(args, xp):
         row['loss_finite'] = bool(np.isfinite(float(to_host(b.step()))))
         res['steps'].append(row)
         res['breakdown'][name] = b.breakdown(1, max(3, repeats // 2))
-        if args.vs_torch:
+        res['memory'][name] = b.peak_memory()
+        if args.vs_torch:                 # after our memory probe: its allocations stay out of ours
             res.setdefault('torch_breakdown', {})[name] = torch_conv_parts(
                 cfg, G, m, torch_dev, tsync, 1, max(3, repeats // 2))
-        res['memory'][name] = b.peak_memory()
 
     # one mixed G x m step against G one-task steps of m images (the same images)
     G, m = args.mixed
