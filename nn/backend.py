@@ -19,9 +19,10 @@ CPU threads. numpy runs each call on one core (BLAS aside), so the CPU work is s
 us: `set_num_threads(n)` starts a pool of n threads and `parallel_map(fn, items)` runs
 fn over items on it (numpy releases the GIL inside its kernels). The callers split
 coarsely: the classifier by image shards (or task groups), the optimizer by chunks of
-the parameter (the generator's products stream its 15 MB weight and are bound by memory
-bandwidth, which a second thread does not add to here). BLAS is then set to one
-thread, so the two kinds of threads never compete for the cores. Until set_num_threads is called
+the parameter, the generator's big layer by column blocks when it serves several task
+vectors (for one it is bound by memory bandwidth, which a second thread does not add
+to here). BLAS is then set to one thread, so the two kinds of threads never compete
+for the cores. Until set_num_threads is called
 everything runs on the calling thread and BLAS is left as it was.
 """
 import ctypes
