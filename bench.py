@@ -444,9 +444,6 @@ def run(args, xp):
         res['steps'].append(row)
         res['breakdown'][name] = b.breakdown(1, max(3, repeats // 2))
         res['memory'][name] = b.peak_memory()
-        if args.vs_torch:                 # after our memory probe: its allocations stay out of ours
-            res.setdefault('torch_breakdown', {})[name] = torch_conv_parts(
-                cfg, G, m, torch_dev, tsync, 1, max(3, repeats // 2))
 
     # one mixed G x m step against G one-task steps of m images (the same images)
     G, m = args.mixed
@@ -456,6 +453,9 @@ def run(args, xp):
                               'one_task_steps_ms': ms_singles,
                               'images_per_s_ratio': ms_singles / ms_mixed}
     if args.vs_torch:
+        # last: PyTorch's big allocations would change the heap our later steps reuse
+        res['torch_breakdown'] = {f'{G}x{m}' if G > 1 else f'B={m}': torch_conv_parts(
+            cfg, G, m, torch_dev, tsync, 1, max(3, repeats // 2)) for G, m in shapes}
         errs = torch_agreement(cfg, tasks=(1, 4), m=2)
         res['torch_check'] = {'dtype': 'float64', 'max_rel_error': max(errs.values()), 'rel_errors': errs}
     return res
