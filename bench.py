@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import supernet as S  # noqa: E402
 from nn import layers as L  # noqa: E402
 from nn.backend import (get_device_module, get_num_threads, parallel_map, set_num_threads,  # noqa: E402
-                        synchronize, to_device, to_host)
+                        split_range, synchronize, to_device, to_host)
 from nn.gradcheck import rel_error  # noqa: E402
 from nn.optim import Optimizer  # noqa: E402
 
@@ -92,7 +92,7 @@ def machine_peaks(xp, quick):
     best = min(timed(lambda: parallel_map(lambda a: a @ a, mats), sync) for _ in range(3 if quick else 8))
     src = xp.ones(16 << 20, dtype=xp.float32)
     dst = xp.empty_like(src)
-    parts = [slice(i * src.size // k, (i + 1) * src.size // k) for i in range(k)]
+    parts = split_range(src.size, k)
     copy = lambda: parallel_map(lambda s: xp.copyto(dst[s], src[s]), parts)
     best_copy = min(timed(copy, sync) for _ in range(3 if quick else 8))
     return {'matmul_gflops': k * 2 * n ** 3 / best / 1e9, 'copy_gbps': src.nbytes / best_copy / 1e9}
@@ -398,6 +398,11 @@ def torch_agreement(cfg, tasks=(1,), m=3, seed=0, corrupt=None):
 
 # =========================================================================== driver
 
+def step_name(G, m):
+    """'B=128' for one task, '8x64' for G tasks x m images."""
+    return f'{G}x{m}' if G > 1 else f'B={m}'
+
+
 def run(args, xp):
     cfg = S.Config(n_tasks=98)
     quick = args.quick
@@ -425,7 +430,7 @@ def run(args, xp):
 
     shapes = [(1, b) for b in args.batches] + [tuple(args.mixed)]
     for G, m in shapes:
-        name = f'{G}x{m}' if G > 1 else f'B={m}'
+        name = step_name(G, m)
         b = Bench(cfg, G, m, xp)
         row = {'name': name, 'tasks': G, 'per_task': m, 'images': G * m}
         if args.vs_torch:
@@ -454,7 +459,7 @@ def run(args, xp):
                               'images_per_s_ratio': ms_singles / ms_mixed}
     if args.vs_torch:
         # last: PyTorch's big allocations would change the heap our later steps reuse
-        res['torch_breakdown'] = {f'{G}x{m}' if G > 1 else f'B={m}': torch_conv_parts(
+        res['torch_breakdown'] = {step_name(G, m): torch_conv_parts(
             cfg, G, m, torch_dev, tsync, 1, max(3, repeats // 2)) for G, m in shapes}
         errs = torch_agreement(cfg, tasks=(1, 4), m=2)
         res['torch_check'] = {'dtype': 'float64', 'max_rel_error': max(errs.values()), 'rel_errors': errs}

@@ -202,30 +202,27 @@ def file_md5(path: str | os.PathLike, chunk_size: int = _MiB) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file beside `path`, flushed to disk, then renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(payload))
 
 
 def _atomic_write_pickle(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=5)  # 5: NumPy writes the pixel buffer without a copy
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # protocol 5: NumPy writes the pixel buffer without a copy
+    _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=5))
 
 
 # Only these globals may appear in a pickle that is not an md5-verified

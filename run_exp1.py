@@ -151,8 +151,7 @@ def main(argv=None):
         holdout = D.parse_task_range(args.holdout, len(tasks))
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         run.log(f"Experiment 1 on {args.data_label} "
-                f"({len(ds.train_y)} train / {len(ds.test_y)} test images), device {args.device}"
-                + (f", {args.threads} CPU threads" if args.device == 'cpu' else ''))
+                f"({len(ds.train_y)} train / {len(ds.test_y)} test images), {T.device_label(args)}")
         T.validate_args(args, len(train_ids), len(holdout))
         cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)

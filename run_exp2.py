@@ -141,8 +141,7 @@ def main(argv=None):
         holdout = [] if args.holdout_pair < 0 else [args.holdout_pair, args.holdout_pair + N_PAIRS]
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
         run.log(f"Experiment 2 on {args.data_label}, {len(train_ids)} training "
-                f"tasks, held out {holdout or 'none'}, device {args.device}"
-                + (f", {args.threads} CPU threads" if args.device == 'cpu' else ''))
+                f"tasks, held out {holdout or 'none'}, {T.device_label(args)}")
         T.validate_args(args, len(train_ids), len(holdout))
         cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)

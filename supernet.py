@@ -400,13 +400,23 @@ def classifier_forward(x, weights, cfg, for_backward=True):
     if shards is None:
         return _classifier_forward(x, weights, cfg, for_backward)
     axis, slices = shards
-    if axis == 'm':
-        parts = parallel_map(lambda s: _classifier_forward(x[:, s], weights, cfg, for_backward), slices)
-    else:
-        parts = parallel_map(lambda s: _classifier_forward(x[s], {k: v[s] for k, v in weights.items()}, cfg,
-                                                           for_backward), slices)
-    logits = xp.concatenate([lg for lg, _ in parts], axis=1 if axis == 'm' else 0)
+    parts = parallel_map(lambda s: _classifier_forward(*_cut(axis, s, x), _cut_weights(axis, s, weights), cfg,
+                                                       for_backward), slices)
+    logits = xp.concatenate([lg for lg, _ in parts], axis=_SHARD_AXIS[axis])
     return logits, ('shards', axis, slices, [c for _, c in parts])
+
+
+_SHARD_AXIS = {'G': 0, 'm': 1}      # the axis of a (G, m, ...) array that a shard cuts
+
+
+def _cut(axis, s, *arrays):
+    """Shard s of each (G, m, ...) array: images [:, s] of every group, or groups [s]."""
+    return [a[:, s] if axis == 'm' else a[s] for a in arrays]
+
+
+def _cut_weights(axis, s, weights):
+    """The weights of shard s: all of them for image shards, groups [s] for group shards."""
+    return weights if axis == 'm' else {k: v[s] for k, v in weights.items()}
 
 
 def _check_images(x, cfg):
@@ -441,8 +451,7 @@ def classifier_backward(dlogits, cache, need_dx=False):
     if cache[0] != 'shards':
         return _classifier_backward(dlogits, cache, need_dx)
     _, axis, slices, caches = cache
-    cut = (lambda a, s: a[:, s]) if axis == 'm' else (lambda a, s: a[s])
-    parts = parallel_map(lambda sc: _classifier_backward(cut(dlogits, sc[0]), sc[1], need_dx),
+    parts = parallel_map(lambda sc: _classifier_backward(*_cut(axis, sc[0], dlogits), sc[1], need_dx),
                          list(zip(slices, caches)))
     return _merge_shard_grads(parts, axis, get_xp(dlogits))
 
@@ -453,7 +462,7 @@ def _merge_shard_grads(parts, axis, xp):
     g = {}
     for k in parts[0]:
         if axis == 'G' or k == 'x':
-            g[k] = xp.concatenate([p[k] for p in parts], axis=1 if (k == 'x' and axis == 'm') else 0)
+            g[k] = xp.concatenate([p[k] for p in parts], axis=_SHARD_AXIS[axis] if k == 'x' else 0)
         else:
             g[k] = parts[0][k]
             for p in parts[1:]:
@@ -481,16 +490,13 @@ def classifier_loss_and_grads(x, y, weights, cfg):
     if shards is None:
         return run(x, y, weights, 1.0)
     axis, slices = shards
-    n = x.shape[1] if axis == 'm' else x.shape[0]
-    if axis == 'm':
-        parts = parallel_map(lambda s: run(x[:, s], y[:, s], weights, (s.stop - s.start) / n), slices)
-    else:
-        parts = parallel_map(lambda s: run(x[s], y[s], {k: v[s] for k, v in weights.items()},
-                                           (s.stop - s.start) / n), slices)
+    n = x.shape[_SHARD_AXIS[axis]]
+    parts = parallel_map(lambda s: run(*_cut(axis, s, x, y), _cut_weights(axis, s, weights),
+                                       (s.stop - s.start) / n), slices)
     loss = parts[0][0]
     for p in parts[1:]:
         loss = loss + p[0]
-    logits = xp.concatenate([p[2] for p in parts], axis=1 if axis == 'm' else 0)
+    logits = xp.concatenate([p[2] for p in parts], axis=_SHARD_AXIS[axis])
     return loss, _merge_shard_grads([p[1] for p in parts], axis, xp), logits
 
 

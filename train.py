@@ -591,6 +591,11 @@ def parse_args(parser, quick, argv):
     return parser.parse_args(argv)
 
 
+def device_label(args):
+    """'device cpu, 2 CPU threads' / 'device gpu', for a run's first log line."""
+    return f"device {args.device}" + (f", {args.threads} CPU threads" if args.device == 'cpu' else '')
+
+
 def start_run(args, tasks):
     """The device module, the output directory, and the dataset with a TaskSet of `tasks`
     (in that order: a missing GPU is reported before any data is read); labels the data."""

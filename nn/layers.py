@@ -142,6 +142,13 @@ def _im2col(xp, a, kh, kw, Ho, Wo, stride):
     return _windows(xp, a, kh, kw, Ho, Wo, stride).reshape(G, n * Ho * Wo, kh * kw * C)
 
 
+def _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
+    """Yield (image slice, its im2col block (G, n*Ho*Wo, kh*kw*C)) over cache-sized blocks."""
+    G, N, C = xpad.shape[0], xpad.shape[1], xpad.shape[-1]
+    for blk in _image_blocks(xp, N, G * Ho * Wo * kh * kw * C * xpad.dtype.itemsize):
+        yield blk, _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride)
+
+
 def conv_forward(x, w, b, stride=1, pad='SAME', for_backward=True):
     """2-D convolution (cross-correlation, as every framework) via im2col + matmul.
 
@@ -181,9 +188,8 @@ def conv_forward(x, w, b, stride=1, pad='SAME', for_backward=True):
     out = xp.empty((G, N, Ho, Wo, F), dtype=x.dtype)
     keep_cols = for_backward and not _dw_from_d(C, F)   # conv_backward's dw will need im2col(x) again
     cols = []
-    for blk in _image_blocks(xp, N, G * Ho * Wo * K * x.dtype.itemsize):
+    for blk, col in _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
         o = out[:, blk].reshape(G, -1, F)                # a view (each group's block is contiguous)
-        col = _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride)
         xp.matmul(col, w2, out=o)
         o_rows = o.reshape(G, -1, Wo * F)                # the same memory, one output row per line:
         o_rows += b_row                                  # the add runs over Wo*F values, not F
@@ -275,7 +281,7 @@ def conv_backward(dout, cache, need_dx=True):
     xpad, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped, cols = cache
     xp = get_xp(dout, xpad)
     G, N, C = xpad.shape[0], xpad.shape[1], xpad.shape[-1]
-    K, F = w2.shape[1:]
+    F = w2.shape[2]
     d = dout.reshape(G, N, Ho, Wo, F)
     ones = xp.ones((G, 1, N * Ho * Wo), dtype=d.dtype)
     db = (ones @ d.reshape(G, -1, F))[:, 0]              # (G, F): a gemv; sum(axis=1) is 20x slower
@@ -286,8 +292,7 @@ def conv_backward(dout, cache, need_dx=True):
                                       need_dx, dw_from_d)
     if not dw_from_d:
         if cols is None:                                 # a forward-only cache: rebuild the blocks
-            cols = [(blk, _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride))
-                    for blk in _image_blocks(xp, N, G * Ho * Wo * K * d.dtype.itemsize)]
+            cols = _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride)
         for blk, col in cols:                            # the forward's im2col blocks
             part = d[:, blk].reshape(G, -1, F).swapaxes(1, 2) @ col    # (G, F, K): dw transposed,
             dw = part if dw is None else dw + part       # faster than col.T @ d; summed over the blocks

@@ -10,7 +10,7 @@ import supernet as S
 from nn.backend import to_device, to_host
 from nn.gradcheck import rel_error
 from nn.optim import Optimizer
-from tests.toy import toy_tasks
+from tests.toy import random_batch, toy_tasks
 
 TOL = 1e-6
 
@@ -28,13 +28,6 @@ def _random_params(cfg, hcfg, seed):
         if k.endswith(('.b', 'B_in', 'B_out')):
             p[k] = r.normal(0, 0.1, size=p[k].shape)
     return p
-
-
-def _batch(cfg, G, m, seed):
-    r = np.random.default_rng(seed)
-    x = r.normal(size=(G, m) + cfg.image_shape)
-    y = (r.random((G, m)) > 0.5).astype(np.float64)
-    return x, y
 
 
 # --------------------------------------------------------------------------- forward
@@ -119,7 +112,7 @@ def test_gradcheck_original_config(output):
 def test_z_only_gradient_matches_the_full_one():
     cfg, hcfg = S.Config(**SMALL), H.HyperConfig(nz=8, d=8)
     p = _random_params(cfg, hcfg, 7)
-    x, y = _batch(cfg, 2, 3, 8)
+    x, y = random_batch(cfg, 2, 3, 8)
     _, g_full, _ = H.hyper_loss_and_grads(p, x, y, [0, 1], cfg, hcfg)
     _, g_z, _ = H.hyper_loss_and_grads(p, x, y, [0, 1], cfg, hcfg, need_gen_grads=False)
     assert set(g_full) == set(p) and set(g_z) == {'z'}
@@ -211,7 +204,7 @@ def test_runs_on_the_strict_device_and_matches_numpy():
     from tests.strict_xp import strict
     cfg, hcfg = S.Config(**SMALL), H.HyperConfig(nz=8, d=8, output='tanh')
     p = _random_params(cfg, hcfg, 5)
-    x, y = _batch(cfg, 2, 3, 6)
+    x, y = random_batch(cfg, 2, 3, 6)
     loss, g, logits = H.hyper_loss_and_grads(p, x, y, [2, 1], cfg, hcfg)
     pd = {k: to_device(v, strict) for k, v in p.items()}
     lossd, gd, logitsd = H.hyper_loss_and_grads(pd, to_device(x, strict), to_device(y, strict),

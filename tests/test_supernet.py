@@ -6,7 +6,7 @@ import pytest
 import supernet as S
 from nn.gradcheck import check_gradient, rel_error
 from nn.optim import Optimizer
-from tests.toy import toy_tasks
+from tests.toy import random_batch, toy_tasks
 
 TOL = 1e-6
 
@@ -23,13 +23,6 @@ def _random_params(cfg, seed, scale=1.0):
     return p
 
 
-def _batch(cfg, G, m, seed):
-    r = np.random.default_rng(seed)
-    x = r.normal(size=(G, m) + cfg.image_shape)
-    y = (r.random((G, m)) > 0.5).astype(np.float64)
-    return x, y
-
-
 def _check_all(cfg, tasks, m=3, n_samples=None, seed=0, h=1e-5):
     errs = S.gradient_check(cfg, tasks, m=m, n_samples=n_samples, seed=seed, h=h)
     assert set(errs) == set(S.init_params(cfg, dtype=np.float64))
@@ -39,7 +32,7 @@ def _check_all(cfg, tasks, m=3, n_samples=None, seed=0, h=1e-5):
 def test_unused_z_rows_get_zero_gradient():
     cfg = S.Config(**SMALL)
     p = _random_params(cfg, 0, 2.0)
-    x, y = _batch(cfg, 2, 3, 1)
+    x, y = random_batch(cfg, 2, 3, 1)
     _, g, _ = S.loss_and_grads(p, x, y, [1, 3], cfg)
     assert np.all(g['z'][[0, 2]] == 0) and np.all(g['z'][[1, 3]] != 0)
 
@@ -72,7 +65,7 @@ def test_supernet_gradcheck_original_config():
 def test_mixed_step_equals_sum_of_single_task_steps(generator):
     cfg = S.Config(**SMALL, generator=generator, hyper_nz=8, hyper_d=8)
     p = _random_params(cfg, 3)
-    x, y = _batch(cfg, 3, 4, 4)
+    x, y = random_batch(cfg, 3, 4, 4)
     loss, g, logits = S.loss_and_grads(p, x, y, [0, 2, 3], cfg)
     acc = {k: np.zeros_like(v) for k, v in p.items()}
     total = 0.0
@@ -177,7 +170,7 @@ def test_supernet_learns_tiny_tasks_and_z_only_adapts_with_frozen_generator():
 def test_z_only_gradients_match_full_gradients():
     cfg = S.Config(**SMALL, gen_hidden=(7,))
     p = _random_params(cfg, 7)
-    x, y = _batch(cfg, 2, 3, 8)
+    x, y = random_batch(cfg, 2, 3, 8)
     _, g_full, _ = S.loss_and_grads(p, x, y, [0, 1], cfg)
     _, g_z, _ = S.loss_and_grads(p, x, y, [0, 1], cfg, need_gen_grads=False)
     assert set(g_z) == {'z'}

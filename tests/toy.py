@@ -1,4 +1,5 @@
-"""Learnable toy tasks shared by the generator tests (SuperNet and the hypernetwork)."""
+"""Batches shared by the generator tests (SuperNet and the hypernetwork): learnable toy
+tasks, and random float64 batches for the gradient checks."""
 import numpy as np
 
 
@@ -15,4 +16,12 @@ def toy_tasks(cfg, n_tasks, m, seed):
         s = 0.5 * (2 * y[t] - 1)[:, None, None]
         x[t, ..., a] += s
         x[t, ..., b] -= s
+    return x, y
+
+
+def random_batch(cfg, G, m, seed):
+    """Random images x (G, m, *cfg.image_shape) and 0/1 labels y (G, m), float64."""
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(G, m) + cfg.image_shape)
+    y = (r.random((G, m)) > 0.5).astype(np.float64)
     return x, y
