@@ -11,7 +11,8 @@ One run measures and prints:
   * a per-part breakdown (generator, each conv forward/backward, activations, optimizer),
     timed by wrapping the functions the real step calls (no copy of the step), on one
     thread, so each part's time is its CPU work;
-  * the step's peak memory: numpy allocations (tracemalloc) and the process's peak RSS;
+  * the step's peak memory: numpy allocations (tracemalloc) or, on a GPU, what the CuPy
+    memory pool holds after one step from empty; the process's peak RSS;
   * --vs-torch: PyTorch's conv layers alone on one thread, beside our breakdown;
   * --vs-torch: the same step in PyTorch, timed side by side (interleaved in short runs,
     the first call of each run discarded, so that neither library's thread pool spinning
@@ -168,20 +169,31 @@ class Bench:
 
     def peak_memory(self):
         """Peak bytes of the numpy allocations made during one step (tracemalloc; host only),
-        the process's peak resident set so far, and the page faults of one (untraced) step:
+        on a device with a CuPy memory pool the bytes the pool holds after one step from
+        an emptied pool (parameters, optimizer state and batch, which stay allocated, plus
+        the step's peak of temporaries, which the pool keeps cached for reuse), the
+        process's peak resident set so far, and the page faults of one (untraced) step:
         a step that keeps allocating fresh memory pays for it in faults."""
-        traced = None
+        traced = device_pool = None
         if self.xp is np:
             tracemalloc.start()
             self.step()
             traced = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
+        elif hasattr(self.xp, 'get_default_memory_pool'):
+            pool = self.xp.get_default_memory_pool()
+            synchronize(self.xp)
+            pool.free_all_blocks()              # only blocks no array uses go back
+            self.step()
+            synchronize(self.xp)
+            device_pool = pool.total_bytes()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self.step()
         synchronize(self.xp)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
-        return {'step_peak_mb': None if traced is None else traced / 2 ** 20, 'rss_peak_mb': rss / 2 ** 20,
+        mb = lambda b: None if b is None else b / 2 ** 20
+        return {'step_peak_mb': mb(traced), 'device_pool_mb': mb(device_pool), 'rss_peak_mb': rss / 2 ** 20,
                 'page_faults_per_step': faults}
 
 
@@ -504,10 +516,12 @@ def print_table(res, out=None):
         tb = res['torch_breakdown']
         for part in tb[names[0]]:
             p(f"{'torch ' + part:>32} " + ' '.join(f"{tb[n].get(part, float('nan')):>8.2f}" for n in names))
-    p("peak memory of a step (numpy allocations in the step, tracemalloc; process peak RSS; page faults):")
+    p("peak memory of a step (numpy allocations in the step, tracemalloc; on a GPU the CuPy pool after one step "
+      "from empty: parameters, state, batch and the step's peak; process peak RSS; page faults):")
     for n, v in res['memory'].items():
         numpy_mb = 'n/a' if v['step_peak_mb'] is None else f"{v['step_peak_mb']:.1f} MB"
-        p(f"{n:>8}: numpy {numpy_mb}, RSS {v['rss_peak_mb']:.0f} MB, {v['page_faults_per_step']} page faults")
+        dev = '' if v.get('device_pool_mb') is None else f", device pool {v['device_pool_mb']:.1f} MB"
+        p(f"{n:>8}: numpy {numpy_mb}{dev}, RSS {v['rss_peak_mb']:.0f} MB, {v['page_faults_per_step']} page faults")
     if 'torch_check' in res:
         t = res['torch_check']
         worst = max(t['rel_errors'], key=t['rel_errors'].get)

@@ -137,6 +137,43 @@ def test_gpu_request_fails_clearly():
         bench.main(['--device', 'gpu', '--quick'])
 
 
+def test_gpu_path_runs_on_the_strict_device(monkeypatch, capsys):
+    """bench's --device gpu path (run + print_table) on the strict CuPy stand-in: every
+    array it makes stays on the 'device' (a host array or np. call would raise MixError),
+    and the step's memory comes from the device pool (here a stand-in pool that checks
+    it is emptied before the step and read after it), not from tracemalloc."""
+    from tests.strict_xp import strict
+
+    class Pool:
+        calls = []
+
+        def free_all_blocks(self):
+            self.calls.append('free')
+
+        def total_bytes(self):
+            self.calls.append('total')
+            return 3 << 20
+
+    pool = Pool()
+    monkeypatch.setattr(strict, 'get_default_memory_pool', lambda: pool, raising=False)
+    real_step = bench.Bench.step
+    monkeypatch.setattr(bench.Bench, 'step', lambda self: (pool.calls.append('step'), real_step(self))[1])
+    args = bench.parse_args(['--quick', '--device', 'gpu', '--batches', '3', '--mixed', '2', '2'])
+    res = bench.run(args, strict)
+    bench.print_table(res)
+    out = capsys.readouterr().out
+    assert [s['name'] for s in res['steps']] == ['B=3', '2x2'] and all(s['loss_finite'] for s in res['steps'])
+    assert res['machine']['threads'] == 1                 # no CPU thread pool on a device
+    for name in ('B=3', '2x2'):
+        mem = res['memory'][name]
+        assert mem['step_peak_mb'] is None and mem['device_pool_mb'] == 3
+    # each step shape's peak_memory: the pool emptied, one step, the pool read
+    frees = [i for i, c in enumerate(pool.calls) if c == 'free']
+    assert len(frees) == 2 and pool.calls.count('total') == 2
+    assert all(pool.calls[i + 1:i + 3] == ['step', 'total'] for i in frees)
+    assert 'device pool 3.0 MB' in out and 'machine: gpu' in out
+
+
 # --------------------------------------------------------------------------- conv paths
 # The benchmark's shapes take conv paths the small layer tests barely reach: many image
 # blocks (large batches, CPU) and dw from the windows of d (F <= C, conv2-4).
