@@ -2,7 +2,9 @@
 """Benchmark of the SuperNet training step (issue 6).
 
 One run measures and prints:
-  * the machine: float32 matmul peak (GFLOP/s) and copy bandwidth (GB/s copied);
+  * the machine: float32 matmul peak (GFLOP/s), the same for products shaped like our
+    convolutions' (a block of conv2's patch matrix times its 400 x 16 weight), and copy
+    bandwidth (GB/s copied);
   * the full training step, supernet.loss_and_grads + Optimizer('rmsprop').step over every
     parameter, original Config(n_tasks=98), at batch 20, 128, 512 (one task per step) and a
     mixed step of 8 tasks x 64: ms/step (median after warm-up), images/s, achieved GFLOP/s
@@ -83,20 +85,32 @@ def median_ms(fns, sync, warmup, repeats, run=1):
 
 
 def machine_peaks(xp, quick):
-    """float32 matmul GFLOP/s (best of a few n x n products, one per thread at once) and
-    copy GB/s (bytes copied per second of a 64 MB array, split over the threads, as memcpy
-    benchmarks count)."""
+    """float32 matmul GFLOP/s (best of a few n x n products, one per thread at once); the
+    same for the products our convolutions make (conv2's: a block of its patch matrix,
+    rows x 400, times the 400 x 16 weight; the rows of one cache-sized block on the CPU,
+    of batch 512 in one block on a device), the ceiling of im2col + matmul convolutions
+    before any copying; and copy GB/s (bytes copied per second of a 64 MB array, split
+    over the threads, as memcpy benchmarks count)."""
     sync = lambda: synchronize(xp)
     n = 1024 if quick else 2048
     k = get_num_threads() if xp is np else 1
-    mats = [xp.asarray(np.random.default_rng(i).random((n, n), dtype=np.float32)) for i in range(k)]
+    rng = np.random.default_rng(0)
+    mats = [xp.asarray(rng.random((n, n), dtype=np.float32)) for _ in range(k)]
     best = min(timed(lambda: parallel_map(lambda a: a @ a, mats), sync) for _ in range(3 if quick else 8))
+    K, F, patches = 400, 16, 64                     # conv2: 5*5*16 values, 16 filters, 8x8 outputs
+    images = max(1, L._BLOCK_BYTES // (patches * K * 4)) if xp is np else 512
+    rows, reps = images * patches, 20 if xp is np else 5
+    blocks = [(xp.asarray(rng.random((rows, K), dtype=np.float32)),
+               xp.asarray(rng.random((K, F), dtype=np.float32))) for _ in range(k)]
+    conv_mm = lambda ab: [ab[0] @ ab[1] for _ in range(reps)]
+    best_conv = min(timed(lambda: parallel_map(conv_mm, blocks), sync) for _ in range(3 if quick else 8))
     src = xp.ones(16 << 20, dtype=xp.float32)
     dst = xp.empty_like(src)
     parts = split_range(src.size, k)
     copy = lambda: parallel_map(lambda s: xp.copyto(dst[s], src[s]), parts)
     best_copy = min(timed(copy, sync) for _ in range(3 if quick else 8))
-    return {'matmul_gflops': k * 2 * n ** 3 / best / 1e9, 'copy_gbps': src.nbytes / best_copy / 1e9}
+    return {'matmul_gflops': k * 2 * n ** 3 / best / 1e9, 'copy_gbps': src.nbytes / best_copy / 1e9,
+            'conv_matmul_gflops': k * reps * 2 * rows * K * F / best_conv / 1e9, 'conv_matmul_shape': [rows, K, F]}
 
 
 # =========================================================================== the step
@@ -482,7 +496,9 @@ def print_table(res, out=None):
     m = res['machine']
     p = lambda *a: print(*a, file=out or sys.stdout)
     p(f"machine: {m['device']}, {m['threads']} threads (BLAS on 1), numpy {m['numpy']}; float32 matmul peak "
-      f"{m['matmul_gflops']:.0f} GFLOP/s, copy {m['copy_gbps']:.1f} GB/s"
+      f"{m['matmul_gflops']:.0f} GFLOP/s (conv-shaped {'x'.join(map(str, m['conv_matmul_shape'][:2]))} @ "
+      f"{'x'.join(map(str, m['conv_matmul_shape'][1:]))}: {m['conv_matmul_gflops']:.0f}), "
+      f"copy {m['copy_gbps']:.1f} GB/s"
       + (f"; torch {m['torch']} ({m['torch_threads']} threads)" if 'torch' in m else ''))
     c = res['config']
     p(f"step: loss_and_grads + rmsprop over {c['generator_params']:,} generator params + z, "

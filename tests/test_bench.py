@@ -45,6 +45,8 @@ def test_quick_run_from_the_command_line(tmp_path):
     res = json.loads(path.read_text())
     assert res['machine']['threads'] == 2
     assert res['machine']['matmul_gflops'] > 0 and res['machine']['copy_gbps'] > 0
+    assert res['machine']['conv_matmul_gflops'] > 0 and res['machine']['conv_matmul_shape'] == [1280, 400, 16]
+    assert 'conv-shaped 1280x400 @ 400x16' in out
     assert [s['name'] for s in res['steps']] == ['B=4', 'B=40', '2x3']
     for s in res['steps']:
         assert s['ms'] > 0 and s['images_per_s'] > 0 and 0 < s['peak_fraction'] and s['loss_finite']
