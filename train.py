@@ -98,7 +98,15 @@ def _json_default(o):
 
 
 def plot_curves(path, title, curves, key='test_acc', ylabel='test accuracy'):
-    """curves {label: [rows]} -> PNG. Returns False (and plots nothing) without matplotlib."""
+    """curves {label: [rows]} -> PNG. Returns False (and writes nothing) without matplotlib
+    or without a single point to plot (e.g. --methods none: no adaptation curves)."""
+    series = {}
+    for label, rows in curves.items():
+        pts = [(r['step'], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            series[label] = pts
+    if not series:
+        return False
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -106,10 +114,8 @@ def plot_curves(path, title, curves, key='test_acc', ylabel='test accuracy'):
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, rows in curves.items():
-        pts = [(r['step'], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), label=label, marker='.')
+    for label, pts in series.items():
+        ax.plot(*zip(*pts), label=label, marker='.')
     ax.set_xlabel('step')
     ax.set_ylabel(ylabel)
     ax.set_title(title)

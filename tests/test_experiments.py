@@ -208,6 +208,10 @@ def test_plots_are_optional(tmp_path, monkeypatch):
     monkeypatch.undo()
     pytest.importorskip('matplotlib')
     assert T.plot_curves(str(tmp_path / 'yes.png'), 't', curves) is True
+    # nothing to plot (no curve, or no row with the key): no empty figure, no legend warning
+    assert T.plot_curves(str(tmp_path / 'empty.png'), 't', {}) is False
+    assert T.plot_curves(str(tmp_path / 'empty.png'), 't', {'a': [{'step': 0, 'test_acc': None}]}) is False
+    assert not (tmp_path / 'empty.png').exists()
     from PIL import Image
     with Image.open(tmp_path / 'yes.png') as im:
         assert im.size[0] > 100 and im.size[1] > 100
