@@ -103,7 +103,7 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
                'table': table, 'wall_s': wall, 'plots': plotted, 'peak_rss_mb': T.peak_rss_mb()}
     run.write_json('summary.json', summary)
     run.log('\n'.join(lines))
-    if not plotted:
+    if T.pyplot() is None:          # not `plotted`: that is also False when there was nothing to plot
         run.log('(plots skipped: matplotlib is not installed; pip install matplotlib or .[plot])')
     return summary
 

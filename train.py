@@ -97,6 +97,17 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def plot_curves(path, title, curves, key='test_acc', ylabel='test accuracy'):
     """curves {label: [rows]} -> PNG. Returns False (and writes nothing) without matplotlib
     or without a single point to plot (e.g. --methods none: no adaptation curves)."""
@@ -105,13 +116,8 @@ def plot_curves(path, title, curves, key='test_acc', ylabel='test accuracy'):
         pts = [(r['step'], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             series[label] = pts
-    if not series:
-        return False
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot() if series else None
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in series.items():

@@ -205,8 +205,10 @@ def test_plots_are_optional(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)          # as if not installed
     assert T.plot_curves(str(tmp_path / 'no.png'), 't', curves) is False
     assert not (tmp_path / 'no.png').exists()
+    assert T.pyplot() is None                 # what the run scripts' "plots skipped" line checks
     monkeypatch.undo()
     pytest.importorskip('matplotlib')
+    assert T.pyplot() is not None
     assert T.plot_curves(str(tmp_path / 'yes.png'), 't', curves) is True
     # nothing to plot (no curve, or no row with the key): no empty figure, no legend warning
     assert T.plot_curves(str(tmp_path / 'empty.png'), 't', {}) is False
