@@ -92,23 +92,23 @@ def machine_peaks(xp, quick):
     before any copying; and copy GB/s (bytes copied per second of a 64 MB array, split
     over the threads, as memcpy benchmarks count)."""
     sync = lambda: synchronize(xp)
+    fastest = lambda fn: min(timed(fn, sync) for _ in range(3 if quick else 8))      # seconds
     n = 1024 if quick else 2048
     k = get_num_threads() if xp is np else 1
     rng = np.random.default_rng(0)
     mats = [xp.asarray(rng.random((n, n), dtype=np.float32)) for _ in range(k)]
-    best = min(timed(lambda: parallel_map(lambda a: a @ a, mats), sync) for _ in range(3 if quick else 8))
+    best = fastest(lambda: parallel_map(lambda a: a @ a, mats))
     K, F, patches = 400, 16, 64                     # conv2: 5*5*16 values, 16 filters, 8x8 outputs
     images = max(1, L._BLOCK_BYTES // (patches * K * 4)) if xp is np else 512
     rows, reps = images * patches, 20 if xp is np else 5
     blocks = [(xp.asarray(rng.random((rows, K), dtype=np.float32)),
                xp.asarray(rng.random((K, F), dtype=np.float32))) for _ in range(k)]
     conv_mm = lambda ab: [ab[0] @ ab[1] for _ in range(reps)]
-    best_conv = min(timed(lambda: parallel_map(conv_mm, blocks), sync) for _ in range(3 if quick else 8))
+    best_conv = fastest(lambda: parallel_map(conv_mm, blocks))
     src = xp.ones(16 << 20, dtype=xp.float32)
     dst = xp.empty_like(src)
     parts = split_range(src.size, k)
-    copy = lambda: parallel_map(lambda s: xp.copyto(dst[s], src[s]), parts)
-    best_copy = min(timed(copy, sync) for _ in range(3 if quick else 8))
+    best_copy = fastest(lambda: parallel_map(lambda s: xp.copyto(dst[s], src[s]), parts))
     return {'matmul_gflops': k * 2 * n ** 3 / best / 1e9, 'copy_gbps': src.nbytes / best_copy / 1e9,
             'conv_matmul_gflops': k * reps * 2 * rows * K * F / best_conv / 1e9, 'conv_matmul_shape': [rows, K, F]}
 
