@@ -429,6 +429,29 @@ def step_name(G, m):
     return f'{G}x{m}' if G > 1 else f'B={m}'
 
 
+def cpu_name():
+    """'AMD EPYC (family 26, model 2)' from /proc/cpuinfo (Linux), else platform's guess.
+    The family tells CPU generations apart where the model name does not (here: the
+    name only says 'AMD EPYC'; family 25 is Zen 3/4, 26 is Zen 5)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
+
+
+def gpu_name(xp):
+    """The CUDA device's name ('NVIDIA H100 80GB HBM3') on CuPy, None elsewhere."""
+    cuda = getattr(xp, 'cuda', None)
+    if xp is np or cuda is None:
+        return None
+    props = cuda.runtime.getDeviceProperties(cuda.Device().id)
+    name = props['name']
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def run(args, xp):
     cfg = S.Config(n_tasks=98)
     quick = args.quick
@@ -436,7 +459,7 @@ def run(args, xp):
     sync = lambda: synchronize(xp)
     threads = get_num_threads() if xp is np else 1
     res = {'machine': {'device': args.device, 'threads': threads, 'numpy': np.__version__,
-                       'python': platform.python_version(), 'cpus': os.cpu_count()},
+                       'python': platform.python_version(), 'cpus': os.cpu_count(), 'cpu': cpu_name(), 'gpu': gpu_name(xp)},
            'config': {'n_tasks': cfg.n_tasks, 'classifier_params': S.count_params(cfg)['classifier'],
                       'generator_params': S.count_params(cfg)['generator'], 'warmup': warmup,
                       'repeats': repeats},
@@ -495,7 +518,7 @@ def run(args, xp):
 def print_table(res, out=None):
     m = res['machine']
     p = lambda *a: print(*a, file=out or sys.stdout)
-    p(f"machine: {m['device']}, {m['threads']} threads (BLAS on 1), numpy {m['numpy']}; float32 matmul peak "
+    p(f"machine: {m['device']} ({m.get('gpu') or m.get('cpu', '?')}), {m['threads']} threads (BLAS on 1), numpy {m['numpy']}; float32 matmul peak "
       f"{m['matmul_gflops']:.0f} GFLOP/s (conv-shaped {'x'.join(map(str, m['conv_matmul_shape'][:2]))} @ "
       f"{'x'.join(map(str, m['conv_matmul_shape'][1:]))}: {m['conv_matmul_gflops']:.0f}), "
       f"copy {m['copy_gbps']:.1f} GB/s"

@@ -47,6 +47,8 @@ def test_quick_run_from_the_command_line(tmp_path):
     assert res['machine']['matmul_gflops'] > 0 and res['machine']['copy_gbps'] > 0
     assert res['machine']['conv_matmul_gflops'] > 0 and res['machine']['conv_matmul_shape'] == [1280, 400, 16]
     assert 'conv-shaped 1280x400 @ 400x16' in out
+    assert res['machine']['gpu'] is None and res['machine']['cpu']      # the machine is named
+    assert f"machine: cpu ({res['machine']['cpu']})" in out
     assert [s['name'] for s in res['steps']] == ['B=4', 'B=40', '2x3']
     for s in res['steps']:
         assert s['ms'] > 0 and s['images_per_s'] > 0 and 0 < s['peak_fraction'] and s['loss_finite']
@@ -289,3 +291,27 @@ def test_vs_torch_quick_run(tmp_path, capsys):
         assert len(parts) == 8 and all(v == v for v in parts.values())          # 4 convs x fwd/bwd, no NaN
     assert res['torch_check']['max_rel_error'] < 1e-6
     assert json.loads((tmp_path / 'b.json').read_text())['torch_check']['dtype'] == 'float64'
+
+
+def test_cpu_and_gpu_names(monkeypatch):
+    name = bench.cpu_name()
+    assert isinstance(name, str) and name
+    if os.path.exists('/proc/cpuinfo'):
+        assert '(family ' in name or 'model name' not in open('/proc/cpuinfo').read()
+    assert bench.gpu_name(np) is None
+
+    class Runtime:                                        # CuPy's cuda.runtime, as far as bench uses it
+        @staticmethod
+        def getDeviceProperties(i):
+            assert i == 0
+            return {'name': b'NVIDIA H100 80GB HBM3'}
+
+    class Cuda:
+        runtime = Runtime
+
+        class Device:
+            id = 0
+
+    class FakeCupy:
+        cuda = Cuda
+    assert bench.gpu_name(FakeCupy) == 'NVIDIA H100 80GB HBM3'
