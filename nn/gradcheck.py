@@ -33,17 +33,21 @@ def numerical_gradient(f, x, df=None, h=1e-5, idx=None):
     """Centred-difference gradient of sum(f() * df) with respect to the array x.
 
     f:   callable with no arguments that reads x (x is perturbed in place and restored)
-    x:   float64 array (modified in place during the call)
+    x:   float64 array, any strides (a view works: each coordinate is set through its
+         multi-index, so the perturbation reaches whatever f reads); modified in place
+         during the call, so it must be writeable
     df:  upstream gradient of f's output; None when f returns a scalar
-    idx: flat indices to check (None = all)
+    idx: flat (C-order) indices to check (None = all)
     returns (grad at idx,) as a float64 vector
     """
     if x.dtype != np.float64:
         raise TypeError(f"numerical_gradient needs float64 inputs (got {x.dtype}): "
                         "float32 differences are dominated by rounding")
-    flat = x.reshape(-1)
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError("numerical_gradient: x is read-only (a broadcast or strided view?): "
+                         "it must be perturbed in place")
     if idx is None:
-        idx = np.arange(flat.size)
+        idx = np.arange(int(np.prod(x.shape)))
 
     def scalar():
         out = f()
@@ -51,19 +55,29 @@ def numerical_gradient(f, x, df=None, h=1e-5, idx=None):
 
     grad = np.empty(len(idx))
     for n, i in enumerate(idx):
-        old = flat[i].item()
-        flat[i] = old + h
+        at = np.unravel_index(int(i), x.shape)      # not x.reshape(-1)[i]: that is a copy for a view
+        old = x[at].item()
+        x[at] = old + h
         fp = scalar()
-        flat[i] = old - h
+        x[at] = old - h
         fm = scalar()
-        flat[i] = old
+        x[at] = old
         grad[n] = (fp - fm) / (2 * h)
     return grad
 
 
-def check_gradient(f, x, analytic, df=None, h=1e-5, n_samples=None, seed=0):
-    """rel_error between `analytic` (the backward's dx) and the numerical gradient of x,
-    on n_samples random coordinates (all if None)."""
-    idx = sample_indices(x.shape, n_samples, np.random.default_rng(seed))
+def check_gradient(f, x, analytic, df=None, h=1e-5, n_samples=None, seed=0, idx=None, min_grad=None):
+    """rel_error between `analytic` (the backward's dx, of x's shape) and the numerical
+    gradient of x, on n_samples random coordinates (all if None) or on the flat indices idx.
+    min_grad: raise if the sampled numerical gradient's max |.| is not above it (a check of
+    a gradient that is zero everywhere sampled would pass whatever the backward did)."""
+    if tuple(analytic.shape) != tuple(x.shape):
+        raise ValueError(f"check_gradient: the analytic gradient has shape {tuple(analytic.shape)}, "
+                         f"the input {tuple(x.shape)}")
+    if idx is None:
+        idx = sample_indices(x.shape, n_samples, np.random.default_rng(seed))
     num = numerical_gradient(f, x, df, h, idx)
+    if min_grad is not None and not np.max(np.abs(num), initial=0.0) > min_grad:
+        raise RuntimeError(f"check_gradient: the sampled numerical gradient is at most {min_grad:g} "
+                           "in magnitude: the check would prove nothing")
     return rel_error(to_host(analytic).reshape(-1)[idx], num)

@@ -10,7 +10,9 @@ import data
 import knowledge_evolution as KE
 import supernet as S
 import train as T
+from nn.backend import get_xp, to_device, to_host
 from nn.gradcheck import rel_error
+from tests.strict_xp import strict
 
 
 def _fit_block(mask, block):
@@ -120,6 +122,27 @@ def test_slim_is_dense_times_mask_and_kels_slim_is_the_narrower_network():
     assert rel_error(T.baseline_logits_fn(sl, cfg)(x), narrow) < 1e-12
 
 
+@pytest.mark.parametrize('mode', ['kels', 'wels'])
+def test_reinit_and_slim_run_on_the_strict_device_and_match_numpy(mode):
+    """reinit_reset and slim with the weights on the strict CuPy stand-in (the masks are
+    host arrays: each must be moved, never mixed): the same numbers as on the host, and
+    the weights stay on the device (reinit_reset still in place)."""
+    cfg = S.Config()
+    r = np.random.default_rng(0)
+    w = {k: v + r.normal(0, 0.5, size=v.shape).astype(np.float32) for k, v in S.init_classifier(cfg, r).items()}
+    masks = KE.make_masks(cfg, mode, 0.5, np.random.default_rng(1))
+    host = {k: v.copy() for k, v in w.items()}
+    dev = {k: to_device(v, strict) for k, v in w.items()}
+    ids = {k: id(v) for k, v in dev.items()}
+    KE.reinit_reset(host, masks, np.random.default_rng(2), cfg)
+    KE.reinit_reset(dev, masks, np.random.default_rng(2), cfg)
+    sl_host, sl_dev = KE.slim(host, masks), KE.slim(dev, masks)
+    for k in w:
+        assert id(dev[k]) == ids[k] and get_xp(dev[k]) is strict and get_xp(sl_dev[k]) is strict, k
+        assert np.array_equal(to_host(dev[k]), host[k]) and np.array_equal(to_host(sl_dev[k]), sl_host[k]), k
+        assert to_host(dev[k]).dtype == np.float32, k
+
+
 # --------------------------------------------------------------------------- a tiny run
 
 @pytest.fixture(scope='module')
@@ -163,9 +186,58 @@ def test_two_generations_on_the_tiny_set_and_resume(tmp_path, taskset):
     assert _strip(res3) == _strip(straight)
 
 
-def test_wels_run_and_generations_differ(tmp_path, taskset):
-    _, res = _run(tmp_path / 'w', taskset, 2, mode='wels', split_rate=0.3, lr=3e-3)
-    assert res['mode'] == 'wels' and res['split_rate'] == 0.3
-    assert res['slim_params'] == sum(round(0.3 * int(np.prod(s))) for _, s in S.classifier_shapes(S.Config()))
-    g1, g2 = res['generations']
-    assert (g1['dense_test_loss'], g1['slim_test_loss']) != (g2['dense_test_loss'], g2['slim_test_loss'])
+def _record_stages(monkeypatch):
+    """Wrap train.train_stage (as knowledge_evolution calls it) to keep host copies of the
+    weights at the start and the end of every stage: {stage: (start, end)}."""
+    seen, train_stage = {}, T.train_stage
+
+    def recording(run, stage, weights, *args, **kw):
+        start = {k: to_host(v).copy() for k, v in weights.items()}
+        curve = train_stage(run, stage, weights, *args, **kw)
+        seen[stage] = (start, {k: to_host(v).copy() for k, v in weights.items()})
+        return curve
+    monkeypatch.setattr(T, 'train_stage', recording)
+    return seen
+
+
+@pytest.mark.parametrize('mode,s', [('kels', 0.5), ('wels', 0.3)])
+def test_generation_boundary_keeps_fit_and_reinitialises_reset(tmp_path, taskset, monkeypatch, mode, s):
+    """Generation 2 starts from M * w_trained + (1 - M) * w_fresh: the fit hypothesis as
+    generation 1 left it, bit for bit, and the reset hypothesis equal to a fresh
+    supernet.init_classifier draw (rng [seed, task, 7, 2], as documented), not to the
+    trained weights and not to generation 1's start."""
+    seen = _record_stages(monkeypatch)
+    _, res = _run(tmp_path / mode, taskset, 2, mode=mode, split_rate=s, lr=3e-3)
+    assert res['mode'] == mode and res['split_rate'] == s
+    cfg = S.Config()
+    masks = KE.make_masks(cfg, mode, s, np.random.default_rng([0, 3, 5]))     # seed 0, task 3
+    assert res['slim_params'] == KE.count_fit(masks)
+    if mode == 'wels':
+        assert res['slim_params'] == sum(round(s * int(np.prod(sh))) for _, sh in S.classifier_shapes(cfg))
+    start1, trained = seen['ke/T3/gen1']
+    start2, _ = seen['ke/T3/gen2']
+    init = S.init_classifier(cfg, np.random.default_rng([0, 3, 7]))
+    fresh = S.init_classifier(cfg, np.random.default_rng([0, 3, 7, 2]))
+    for k, m in masks.items():
+        assert np.array_equal(start1[k], init[k]), k                           # generation 1's start
+        assert np.array_equal(start2[k], np.where(m, trained[k], fresh[k])), k
+        assert start2[k].dtype == trained[k].dtype, k
+        # the check has teeth: training moved the fit part, and every reset weight differs
+        # from what training left there (biases too: trained ones are not 0)
+        assert m.sum() == 0 or not np.array_equal(trained[k][m], init[k][m]), k
+        assert np.all(trained[k][~m] != fresh[k][~m]), k
+
+
+def test_two_generations_on_the_strict_device_equal_numpy(tmp_path, taskset):
+    """The whole Knowledge Evolution run (training, reset, slim evaluation) with the
+    weights and batches on the strict CuPy stand-in gives the host run's results."""
+    out = {}
+    for xp in (np, strict):
+        run = T.RunDir(str(tmp_path / ('np' if xp is np else 'dev')), resume=False, quiet=True)
+        out[xp] = KE.run_knowledge_evolution(run, 'ke/T3', S.Config(), taskset, 3, xp, steps_per_gen=2,
+                                             generations=2, batch=4, log_every=1, eval_every=2)
+    host, dev = _strip(out[np]), _strip(out[strict])
+    assert [g['gen'] for g in dev] == [1, 2]
+    for gh, gd in zip(host, dev):
+        for k in gh:
+            assert gh[k] == pytest.approx(gd[k], rel=1e-6, abs=1e-7), k

@@ -6,7 +6,7 @@ import pytest
 from nn import layers as L
 from nn.gradcheck import check_gradient, numerical_gradient, rel_error
 
-TOL = 1e-6      # the acceptance bound; a correct float64 backward lands near 1e-9
+TOL = 1e-8      # the acceptance bound per layer; a correct float64 backward lands near 1e-11
 
 
 def _rng(seed):
@@ -40,6 +40,14 @@ CONV_CASES = [
     (2, 9, 9, 2, 3, 2, 3, 2, 'VALID'),
     (1, 6, 6, 2, 3, 3, 2, 2, 1),            # explicit symmetric padding
     (2, 5, 6, 2, 2, 3, 3, 1, ((0, 1), (2, 0))),  # explicit asymmetric padding
+    # stride >= 3 with padding: the phase of the first pixel is (p - pad) % s, which for
+    # s = 2 cannot tell -pad from +pad (and pad = 0 hides it altogether)
+    (2, 10, 9, 2, 3, 3, 3, 3, 1),           # s 3, pad 1, F > C (dw from im2col(x))
+    (2, 10, 9, 4, 3, 3, 3, 3, 1),           # s 3, pad 1, F <= C (dw by stride phase too)
+    (2, 11, 10, 4, 5, 5, 3, 3, 'SAME'),     # s 3, TF SAME pads (1, 2) rows, (2, 2) columns
+    (2, 11, 10, 2, 5, 5, 4, 3, 'SAME'),     # the same with F > C
+    (2, 7, 8, 3, 2, 3, 2, 3, ((1, 0), (2, 1))),  # s 3 > kh: a row phase no tap reaches
+    (1, 13, 12, 3, 5, 3, 2, 4, 2),          # s 4, pad 2: phases that are all padding
 ]
 
 
@@ -78,22 +86,28 @@ def test_conv_backward(case):
     assert np.array_equal(dw, dw2) and np.array_equal(db, db2)
 
 
-def test_conv_grouped_equals_per_group():
+@pytest.mark.parametrize('k,s,pad,C,F', [
+    (5, 2, 'SAME', 3, 4),          # the original's geometry, F > C
+    (5, 3, 'SAME', 3, 4),          # stride 3, TF SAME padding (1, 2)
+    (3, 3, 1, 4, 3),               # stride 3, pad 1, F <= C (dw by stride phase)
+])
+def test_conv_grouped_equals_per_group(k, s, pad, C, F):
     r = _rng(2)
-    G, N, H, C, F = 3, 2, 8, 3, 4
-    x, w, b = r.normal(size=(G, N, H, H, C)), r.normal(size=(G, 5, 5, C, F)), r.normal(size=(G, F))
-    out, cache = L.conv_forward(x, w, b, 2, 'SAME')
+    G, N, H = 3, 2, 8
+    x, w, b = r.normal(size=(G, N, H, H, C)), r.normal(size=(G, k, k, C, F)), r.normal(size=(G, F))
+    out, cache = L.conv_forward(x, w, b, s, pad)
     dout = r.normal(size=out.shape)
     dx, dw, db = L.conv_backward(dout, cache)
     for g in range(G):
-        o, c = L.conv_forward(x[g], w[g], b[g], 2, 'SAME')
+        o, c = L.conv_forward(x[g], w[g], b[g], s, pad)
         assert rel_error(o, out[g]) < 1e-13
         dxg, dwg, dbg = L.conv_backward(dout[g], c)
         for a, e in [(dx[g], dxg), (dw[g], dwg), (db[g], dbg)]:
             assert rel_error(a, e) < 1e-13
-    f = lambda: L.conv_forward(x, w, b, 2, 'SAME')[0]
+    f = lambda: L.conv_forward(x, w, b, s, pad)[0]
     assert check_gradient(f, w, dw, dout, n_samples=60) < TOL
     assert check_gradient(f, x, dx, dout, n_samples=60) < TOL
+    assert check_gradient(f, b, db, dout) < TOL
 
 
 @pytest.mark.parametrize('grouped', [False, True])
@@ -186,3 +200,42 @@ def test_gradcheck_detects_a_wrong_backward():
     assert check_gradient(f, w, dw.T, dout) > 1e-2
     with pytest.raises(TypeError, match='float64'):
         numerical_gradient(f, w.astype(np.float32), dout)
+
+
+def test_gradcheck_rejects_a_gradient_of_the_wrong_shape():
+    """A backward returning the transpose of a square gradient is caught by the values
+    (above); one of another shape must be refused, not flattened and compared."""
+    r = _rng(9)
+    x, w, b = r.normal(size=(4, 3)), r.normal(size=(3, 2)), r.normal(size=2)
+    out, cache = L.dense_forward(x, w, b)
+    dout = r.normal(size=out.shape)
+    _, dw, _ = L.dense_backward(dout, cache)
+    f = lambda: L.dense_forward(x, w, b)[0]
+    assert check_gradient(f, w, dw, dout) < TOL
+    with pytest.raises(ValueError, match=r'shape \(2, 3\), the input \(3, 2\)'):
+        check_gradient(f, w, dw.T, dout)
+    with pytest.raises(ValueError, match='shape'):
+        check_gradient(f, w, dw.reshape(-1), dout)
+
+
+def test_gradcheck_perturbs_a_non_contiguous_input_in_place():
+    """x may be a view (a transpose, a strided slice): the perturbation must reach the
+    array f reads, and the gradient must come back in the view's own index order."""
+    r = _rng(10)
+    x, w, b = r.normal(size=(4, 3)), r.normal(size=(3, 5)), r.normal(size=5)
+    out, cache = L.dense_forward(x, w, b)
+    dout = r.normal(size=out.shape)
+    _, dw, _ = L.dense_backward(dout, cache)
+    f = lambda: L.dense_forward(x, w, b)[0]
+    wT = w.T                                          # (5, 3), not C-contiguous
+    assert not wT.flags.c_contiguous
+    assert check_gradient(f, wT, dw.T, dout) < TOL
+    cols = w[:, ::2]                                  # (3, 3), a strided slice
+    assert not cols.flags.c_contiguous
+    assert check_gradient(f, cols, dw[:, ::2], dout) < TOL
+    assert rel_error(numerical_gradient(f, cols, dout), dw[:, ::2].reshape(-1)) < TOL
+    before = w.copy()
+    numerical_gradient(f, wT, dout)
+    assert np.array_equal(w, before)                  # every coordinate restored
+    with pytest.raises(ValueError, match='read-only'):
+        numerical_gradient(f, np.broadcast_to(b, (3, 5)), dout)

@@ -7,15 +7,23 @@ from nn.gradcheck import check_gradient, rel_error
 from nn.loss import sigmoid_cross_entropy
 
 
+TOL = 1e-8      # the loss's gradient check; a correct float64 gradient lands near 1e-11
+
+
 def test_loss_value_and_gradient():
+    """A (3, 4) batch with random 0/1 targets: the mean is over all 12 entries, and each
+    logit's gradient is its own (a mean over one axis, or a broadcast target, would show)."""
     r = np.random.default_rng(0)
-    logits = r.normal(size=(7, 1)) * 2
-    y = (r.random((7, 1)) > 0.5).astype(np.float64)
+    logits = r.normal(size=(3, 4)) * 2
+    y = (r.random((3, 4)) > 0.5).astype(np.float64)
+    assert 0 < y.sum() < y.size
     loss, dlogits = sigmoid_cross_entropy(logits, y)
+    assert dlogits.shape == logits.shape
     p = 1 / (1 + np.exp(-logits))
     naive = np.mean(-y * np.log(p) - (1 - y) * np.log(1 - p))
     assert abs(float(loss) - naive) < 1e-12
-    assert check_gradient(lambda: sigmoid_cross_entropy(logits, y)[0], logits, dlogits) < 1e-6
+    assert rel_error(dlogits, (p - y) / y.size) < 1e-12
+    assert check_gradient(lambda: sigmoid_cross_entropy(logits, y)[0], logits, dlogits) < TOL
 
 
 def test_loss_is_stable_for_large_logits():

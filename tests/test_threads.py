@@ -133,8 +133,9 @@ def test_classifier_loss_and_grads_equals_its_three_parts(threads, monkeypatch, 
 
 
 def test_sharded_classifier_input_gradient(threads, monkeypatch):
+    """classifier_backward(need_dx=True) joins the shards' image gradients in order
+    (against one thread; tests/test_supernet.py checks the gradient itself)."""
     monkeypatch.setattr(S, '_MIN_SHARD', 1)
-    """classifier_backward(need_dx=True) joins the shards' image gradients in order."""
     r = np.random.default_rng(5)
     p = S.init_params(CFG, dtype=np.float64)
     theta, _ = S.generator_forward(p['z'][:2], p, CFG)
