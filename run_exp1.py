@@ -54,9 +54,7 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
               'control_zother': "control: another task's learned z (mean over the training tasks, no training)",
               'control_znew': f'control: initial new z ({args.new_z}, no training)',
               'z_only': 'z only, generator frozen', 'whole_network': 'whole network from scratch',
-              'finetune': 'fine-tune generator + z',
-              'ke': f'Knowledge Evolution ({args.ke_mode}, {args.ke_generations} generations), dense',
-              'ke_slim': f'Knowledge Evolution ({args.ke_mode}), slim (fit hypothesis only)'}
+              'finetune': 'fine-tune generator + z', **T.ke_labels(args)}
     if args.generator == 'hyper':
         labels['z_only'] = "z only, Ha et al.'s hypernetwork frozen"
         labels['finetune'] = 'fine-tune hypernetwork + z'
@@ -68,10 +66,7 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
              '| method | trainable params | ' + ' | '.join(f'T{h}' for h in adapt_results) + ' | mean |',
              '|---|---|' + '---|' * (len(adapt_results) + 1)]
     table = {}
-    for res in adapt_results.values():
-        if 'ke' in res:
-            res['ke_slim'] = {'test_acc': res['ke']['slim_test_acc'], 'test_loss': res['ke']['slim_test_loss'],
-                              'trainable': res['ke']['slim_params']}
+    T.add_ke_slim(adapt_results)
     for m in methods:
         vals = [adapt_results[h].get(m) for h in adapt_results]
         if any(v is None for v in vals):
@@ -112,13 +107,25 @@ def aggregate(dirs):
     """Mean and spread over seeds of finished runs: per method, the test accuracy averaged
     over the held-out tasks of each run, then mean +- std (and min..max) over the runs."""
     import json
-    runs = []
+    runs, seen = [], set()
     for d in dirs:
+        if os.path.realpath(d) in seen:
+            print(f"note: {d} is given more than once; counted once", file=sys.stderr)
+            continue
+        seen.add(os.path.realpath(d))
+        path = os.path.join(d, 'summary.json')
         try:
-            with open(os.path.join(d, 'summary.json')) as f:
-                runs.append(json.load(f))
+            with open(path) as f:
+                r = json.load(f)
         except OSError as e:
             raise SystemExit(f"error: {d}: no finished run there ({e})")
+        except ValueError as e:
+            raise SystemExit(f"error: {path} is corrupt ({e})")
+        exp = r.get('experiment') if isinstance(r, dict) else None
+        if exp != 1:
+            raise SystemExit(f"error: {path} is {f'an Experiment {exp} run' if exp else 'not a run summary'}; "
+                             "--aggregate takes Experiment 1 runs")
+        runs.append(r)
     methods = []
     for r in runs:
         methods += [m for m in r['table'] if m not in methods]
@@ -142,17 +149,20 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     if args.aggregate:
-        return aggregate(args.aggregate)
+        return T.main_guard(lambda: aggregate(args.aggregate))
 
     def body():
         t_start = time.perf_counter()
         tasks = D.exp1_tasks()
-        xp, run, ds, taskset = T.start_run(args, tasks)
-        holdout = D.parse_task_range(args.holdout, len(tasks))
+        try:
+            holdout = D.parse_task_range(args.holdout, len(tasks))
+        except D.TaskSpecError as e:
+            raise SystemExit(f"error: --holdout: {e}")
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
+        T.validate_args(args, len(train_ids), len(holdout))
+        xp, run, ds, taskset = T.start_run(args, tasks)
         run.log(f"Experiment 1 on {args.data_label} "
                 f"({len(ds.train_y)} train / {len(ds.test_y)} test images), {T.device_label(args)}")
-        T.validate_args(args, len(train_ids), len(holdout))
         cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         adapt_results = {}

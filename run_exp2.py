@@ -93,7 +93,9 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
         names = {'control_z0': 'control: z = 0', 'control_zmean': 'control: z = mean of learned z',
                  'control_zother': "control: another task's learned z (mean over tasks)",
                  'control_znew': f'control: initial new z ({args.new_z})', 'z_only': 'z only, generator frozen',
-                 'whole_network': 'whole network from scratch', 'finetune': 'fine-tune generator + z'}
+                 'whole_network': 'whole network from scratch', 'finetune': 'fine-tune generator + z',
+                 **T.ke_labels(args)}
+        T.add_ke_slim(adapt_results)
         for m in names:
             vals = [adapt_results[h].get(m) for h in adapt_results]
             if any(v is None for v in vals):
@@ -135,14 +137,14 @@ def main(argv=None):
     def body():
         t_start = time.perf_counter()
         tasks = D.exp2_tasks()
-        xp, run, ds, taskset = T.start_run(args, tasks)
         if not -1 <= args.holdout_pair < N_PAIRS:
             raise SystemExit(f"error: --holdout-pair must be in 0..{N_PAIRS - 1} (or -1), got {args.holdout_pair}")
         holdout = [] if args.holdout_pair < 0 else [args.holdout_pair, args.holdout_pair + N_PAIRS]
         train_ids = [t for t in range(len(tasks)) if t not in holdout]
+        T.validate_args(args, len(train_ids), len(holdout))
+        xp, run, ds, taskset = T.start_run(args, tasks)
         run.log(f"Experiment 2 on {args.data_label}, {len(train_ids)} training "
                 f"tasks, held out {holdout or 'none'}, {T.device_label(args)}")
-        T.validate_args(args, len(train_ids), len(holdout))
         cfg, counts = T.setup_model(run, args, len(train_ids))
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         rows = {t: i for i, t in enumerate(train_ids)}

@@ -34,21 +34,46 @@ class Interrupted(RuntimeError):
 # =========================================================================== output
 
 class RunDir:
-    """The output directory: log, state.json (finished stages), checkpoints, CSVs, plots."""
+    """The output directory: log, state.json (the run's settings and finished stages),
+    checkpoints, CSVs, plots. settings: the options that change results (run_settings);
+    on resume they must equal the stored ones."""
 
-    def __init__(self, path, resume=False, quiet=False):
+    def __init__(self, path, resume=False, quiet=False, settings=None):
         self.path, self.quiet = path, quiet
-        os.makedirs(path, exist_ok=True)
-        self.state_path = os.path.join(path, 'state.json')
+        self.state_path, self.ckpt_dir = os.path.join(path, 'state.json'), os.path.join(path, 'ckpt')
         self.state = {}
-        if resume and os.path.exists(self.state_path):
-            with open(self.state_path) as f:
-                self.state = json.load(f)
-        elif not resume and (os.path.exists(self.state_path) or
-                             (os.path.isdir(os.path.join(path, 'ckpt')) and os.listdir(os.path.join(path, 'ckpt')))):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise SystemExit(f"error: --out {path} is a file, not a directory")
+        try:
+            os.makedirs(path, exist_ok=True)
+            if resume and os.path.exists(self.state_path):
+                with open(self.state_path) as f:
+                    self.state = json.load(f)
+                if not isinstance(self.state, dict):
+                    raise ValueError('not a JSON object')
+            self.log_file = open(os.path.join(path, 'log.txt'), 'a')
+        except OSError as e:
+            raise SystemExit(f"error: --out {path}: cannot write there ({e.strerror or e})")
+        except ValueError as e:
+            raise SystemExit(f"error: {self.state_path} is corrupt ({e}): delete it and run the same command "
+                             "with --resume to train its finished stages again, or start afresh with another --out")
+        held = os.path.exists(self.state_path) or bool(os.path.isdir(self.ckpt_dir) and os.listdir(self.ckpt_dir))
+        if held and not resume:
             raise SystemExit(f"error: {path} already holds a run (state.json or checkpoints). Use --resume to "
                              "continue it, or choose another --out.")
-        self.log_file = open(os.path.join(path, 'log.txt'), 'a')
+        old = self.state.get('settings')
+        if settings is not None and old is not None:
+            def now(k):        # 'unset': an option this script lacks (a run of the other experiment)
+                return repr(settings[k]) if k in settings else 'unset'
+            diffs = [f"--{k.replace('_', '-')} {v!r} (now {now(k)})" for k, v in old.items()
+                     if k not in settings or settings[k] != v]
+            if diffs:
+                raise SystemExit(f"error: --resume: {path} was run with other settings: {', '.join(diffs)}; "
+                                 "resume with the run's own options, or start a new run with another --out")
+        if settings is not None and old is None and held:
+            self.log(f"note: {path} is a run from before settings were stored: this resume's options are not checked")
+        elif settings is not None:
+            self.state['settings'] = settings       # written before the first stage (phase1)
 
     def log(self, msg):
         if not self.quiet:
@@ -57,7 +82,7 @@ class RunDir:
         self.log_file.flush()
 
     def ckpt(self, name):
-        return os.path.join(self.path, 'ckpt', name.replace('/', '_') + '.npz')
+        return os.path.join(self.ckpt_dir, name.replace('/', '_') + '.npz')
 
     def done(self, stage):
         return stage in self.state.get('stages', {})
@@ -391,16 +416,19 @@ def add_common_args(p, default_out):
     g.add_argument('--optimizer', choices=['rmsprop', 'adam', 'momentum', 'sgd'], default='rmsprop')
     g.add_argument('--lr', type=float, default=1e-4, help='phase-1 learning rate (default 1e-4, the original RMSProp)')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--eval-every', type=int, default=0, help='held-out evaluation interval in steps (default: 10 points per stage)')
-    g.add_argument('--log-every', type=int, default=0, help='progress line interval (default: 20 lines per stage)')
-    g.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval (default: 10 per stage)')
+    g.add_argument('--eval-every', type=int, default=0, help='held-out evaluation interval in steps (default 0: 10 points per stage)')
+    g.add_argument('--log-every', type=int, default=0, help='progress line interval (default 0: 20 lines per stage)')
+    g.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval (default 0: 10 per stage)')
     g = p.add_argument_group('run')
     g.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
     g.add_argument('--threads', type=int, default=0,
-                   help='CPU threads (default 0: every usable CPU). supernet splits the work itself and runs '
-                        'BLAS on one thread; results are reproducible for a given thread count')
+                   help='CPU threads, at most the usable CPUs (default 0: every usable CPU). supernet splits the '
+                        'work itself and runs BLAS on one thread; results are reproducible for a given thread count')
     g.add_argument('--out', default=default_out, help=f'output directory (default {default_out})')
-    g.add_argument('--resume', action='store_true', help='continue the run in --out where it stopped')
+    g.add_argument('--resume', action='store_true',
+                   help='continue the run in --out where it stopped. Its options must be the same (checked), except '
+                        'those that change no result: --threads, --device (these two: float rounding only), '
+                        '--ckpt-every, --quiet')
     g.add_argument('--quick', action='store_true', help='a first look in about a minute on a 2-core CPU (small synthetic data, few steps)')
     g.add_argument('--quiet', action='store_true')
 
@@ -447,10 +475,21 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     rows = {t: i for i, t in enumerate(train_ids)}
     params = S.init_params(cfg, seed=args.seed, xp=xp)
     final = os.path.join(run.path, 'phase1.npz')
+    run.write_json('state.json', run.state)          # the settings, for --resume's check
+    again = "phase 1 is then redone (the same settings and --threads give the same generator)"
+    if run.done('phase1') and not os.path.exists(final):
+        run.log(f"[phase1] {final} is missing: {again}")
+        del run.state['stages']['phase1']
     if not run.done('phase1') and getattr(args, 'phase1_from', None):
         _import_phase1(run, args.phase1_from, final, train_ids, cfg)
     if run.done('phase1'):
-        saved, _, _ = S.load_checkpoint(final, cfg=cfg, params_like=params, xp=xp)
+        try:
+            saved, _, _ = S.load_checkpoint(final, cfg=cfg, params_like=params, xp=xp)
+        except S.CheckpointError as e:
+            if e.__cause__ is None:                  # not a damaged file (e.g. another model): as it is
+                raise
+            raise S.CheckpointError(f"{final} is unreadable or corrupt ({e.__cause__}): delete it and run the "
+                                    f"same command with --resume; {again}") from None
         run.log(f"[phase1] done already: loaded {final}")
         return saved, run.state['stages']['phase1']
     watch = train_ids[:: max(1, len(train_ids) // max(1, args.eval_tasks))][:args.eval_tasks]
@@ -608,15 +647,36 @@ def device_label(args):
     return f"device {args.device}" + (f", {args.threads} CPU threads" if args.device == 'cpu' else '')
 
 
+# Options that change only how a run is carried out, not its results: they may differ between
+# an interrupted run and its --resume (--threads and --device change the float rounding in the
+# last bits only; checkpoints fall on log boundaries, so --ckpt-every changes no curve). Every
+# other option must be the same (RunDir checks): --log-every and --eval-every too, as they set
+# the curves' rows and the window of train_acc_last.
+FREE_ON_RESUME = ('threads', 'device', 'ckpt_every', 'quiet', 'out', 'resume', 'quick', 'aggregate')
+
+
+def run_settings(args):
+    """The options that change a run's results, as stored in its state.json."""
+    import data as D
+    s = {k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME}
+    if s['data'] == 'synthetic':       # generated from its sizes alone; --data-dir is only its cache
+        s['data_dir'] = None
+    else:
+        s['synthetic_train'] = s['synthetic_test'] = None
+        s['data_dir'] = os.path.abspath(s['data_dir'] or D.default_data_dir())
+    if s.get('phase1_from'):
+        s['phase1_from'] = os.path.abspath(s['phase1_from'])
+    return s
+
+
 def start_run(args, tasks):
     """The device module, the output directory, and the dataset with a TaskSet of `tasks`
-    (in that order: a missing GPU is reported before any data is read); labels the data."""
+    (in that order: a missing GPU, a bad --out or a resume with other settings is reported
+    before any data is read); labels the data. Call validate_args first."""
     import data as D
     from nn.backend import get_device_module, set_num_threads
-    if args.threads < 0:
-        raise SystemExit(f"error: --threads must be >= 0 (0: every usable CPU), got {args.threads}")
     xp = get_device_module(args.device)
-    run = RunDir(args.out, resume=args.resume, quiet=args.quiet)
+    run = RunDir(args.out, resume=args.resume, quiet=args.quiet, settings=run_settings(args))
     args.threads = set_num_threads(args.threads) if xp is np else 1
     ds = D.load_dataset(args.data, args.data_dir, n_train_per_class=args.synthetic_train,
                         n_test_per_class=args.synthetic_test, quiet=args.quiet)
@@ -628,12 +688,33 @@ METHODS = ('z_only', 'whole_network', 'finetune', 'ke')
 
 
 def validate_args(args, n_train, n_holdout):
-    """Reject bad options before any training (not after a 50,000-step phase 1)."""
+    """Reject bad options before any data is read or training done (not after a 50,000-step phase 1)."""
+    from nn.backend import usable_cpus
+
     def need(ok, msg):
         if not ok:
             raise SystemExit(f"error: {msg}")
-    for k in ('steps', 'batch', 'adapt_steps', 'z_dim', 'tasks_per_step', 'ke_generations', 'hyper_nz', 'hyper_d'):
-        need(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+
+    def opt(k):
+        return '--' + k.replace('_', '-')
+    for k in ('steps', 'batch', 'adapt_steps', 'z_dim', 'tasks_per_step', 'ke_generations', 'hyper_nz', 'hyper_d',
+              'eval_tasks', 'synthetic_train', 'synthetic_test'):
+        need(getattr(args, k) >= 1, f"{opt(k)} must be >= 1, got {getattr(args, k)}")
+    for k, zero in (('eval_every', '10 evaluations per stage'), ('log_every', '20 progress lines per stage'),
+                    ('ckpt_every', '10 checkpoints per stage'), ('threads', 'every usable CPU')):
+        need(getattr(args, k) >= 0, f"{opt(k)} must be >= 0 (0: {zero}), got {getattr(args, k)}")
+    need(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    cpus = usable_cpus()
+    need(args.threads <= cpus, f"--threads {args.threads}: this machine has {cpus} usable CPU{'s' * (cpus != 1)}")
+    for k in ('lr', 'z_lr', 'baseline_lr', 'finetune_lr'):
+        v = getattr(args, k)
+        need(v is None or 0 < v < math.inf, f"{opt(k)} must be a positive number, got {v}")
+    try:
+        widths = [int(v) for v in args.gen_hidden.split(',') if v.strip()]
+    except ValueError:
+        widths = [0]
+    need(all(w >= 1 for w in widths),
+         f"--gen-hidden must be comma-separated widths >= 1, e.g. '256,256' (or empty), got {args.gen_hidden!r}")
     need(args.tasks_per_step <= n_train, f"--tasks-per-step {args.tasks_per_step} exceeds the {n_train} training tasks")
     methods = [m.strip() for m in args.methods.split(',') if m.strip() not in ('', 'none')]
     bad = [m for m in methods if m not in METHODS]
@@ -646,6 +727,20 @@ def validate_args(args, n_train, n_holdout):
              f"--z-dim {args.z_dim}; use --new-z mean or zeros, or a larger --z-dim")
     if args.generator == 'hyper':
         need(not args.gen_hidden.strip(), "--gen-hidden applies to the dense generator only, not --generator hyper")
+
+
+def ke_labels(args):
+    """Results-table labels of Knowledge Evolution's rows (method ke; add_ke_slim adds ke_slim)."""
+    return {'ke': f'Knowledge Evolution ({args.ke_mode}, {args.ke_generations} generations), dense',
+            'ke_slim': f'Knowledge Evolution ({args.ke_mode}), slim (fit hypothesis only)'}
+
+
+def add_ke_slim(adapt_results):
+    """Each held-out task's slim Knowledge Evolution network as a method of its own, 'ke_slim'."""
+    for res in adapt_results.values():
+        if 'ke' in res:
+            res['ke_slim'] = {'test_acc': res['ke']['slim_test_acc'], 'test_loss': res['ke']['slim_test_loss'],
+                              'trainable': res['ke']['slim_params']}
 
 
 def setup_model(run, args, n_train):
@@ -669,6 +764,6 @@ def main_guard(fn):
         print("\ninterrupted outside a training stage; finished stages and the last checkpoint are kept: "
               "run the same command with --resume to continue.", file=sys.stderr)
         return 130
-    except (TrainingDiverged, S.CheckpointError, DataError, RuntimeError, ValueError) as e:
+    except (TrainingDiverged, S.CheckpointError, DataError, RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -141,7 +141,8 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, capsys
 def test_exp2_end_to_end(tiny_cifar_dir, tmp_path):
     out = tmp_path / 'e2'
     args = TINY + ['--data-dir', str(tiny_cifar_dir), '--out', str(out), '--steps', '30',
-                   '--adapt-steps', '8', '--holdout-pair', '3', '--eval-tasks', '3', '--ckpt-every', '10']
+                   '--adapt-steps', '8', '--holdout-pair', '3', '--eval-tasks', '3', '--ckpt-every', '10',
+                   '--methods', 'z_only,whole_network,ke', '--ke-generations', '2']
     assert run_exp2.main(args) == 0
     s = json.loads((out / 'summary.json').read_text())
     assert set(s['adapt']) == {'3', '53'}
@@ -159,7 +160,12 @@ def test_exp2_end_to_end(tiny_cifar_dir, tmp_path):
     rows = _read_csv(out / 'per_task.csv')
     assert rows[0]['class0'] == '0' and rows[0]['class1'] == '50'
     assert {r['task'] for r in rows} == {str(t) for t in range(100) if t not in (3, 53)}
-    assert 'twin\'s z' in (out / 'results.md').read_text()
+    md = (out / 'results.md').read_text()
+    assert 'twin\'s z' in md
+    ke = s['adapt']['53']['ke']                # Knowledge Evolution: in results.md too, not only summary.json
+    assert "| Knowledge Evolution (kels, 2 generations), dense | 37,165 | " in md
+    assert f"{ke['test_acc']:.3f} ({ke['test_loss']:.3f}) |" in md
+    assert f"| Knowledge Evolution (kels), slim (fit hypothesis only) | {ke['slim_params']:,} | " in md
 
 
 @pytest.mark.parametrize('mod', [run_exp1, run_exp2])
@@ -227,26 +233,138 @@ def test_plots_are_optional(tmp_path, monkeypatch):
     (['--holdout', '90-98', '--z-dim', '95'], 'unused one-hot index'),
     (['--generator', 'hyper', '--gen-hidden', '8'], '--gen-hidden applies'),
     (['--threads', '-1'], '--threads must be >= 0'),
+    (['--threads', '100000'], r'--threads 100000: this machine has \d+ usable CPU'),
+    (['--log-every', '-1'], '--log-every must be >= 0'),
+    (['--eval-every', '-1'], '--eval-every must be >= 0'),
+    (['--ckpt-every', '-5'], '--ckpt-every must be >= 0'),
+    (['--eval-tasks', '0'], '--eval-tasks must be >= 1'),
+    (['--eval-tasks', '-3'], '--eval-tasks must be >= 1'),
+    (['--gen-hidden', '0'], '--gen-hidden must be comma-separated widths >= 1'),
+    (['--gen-hidden=-4'], '--gen-hidden must be'),
+    (['--gen-hidden', '8,abc'], '--gen-hidden must be'),
+    (['--seed', '-1'], '--seed must be >= 0'),
+    (['--lr', '-1'], '--lr must be a positive number'),
+    (['--z-lr', '0'], '--z-lr must be a positive number'),
+    (['--baseline-lr', 'nan'], '--baseline-lr must be a positive number'),
+    (['--finetune-lr=-1e-3'], '--finetune-lr must be a positive number'),
+    (['--holdout', '99'], '--holdout: task 99'),
 ])
-def test_bad_options_fail_before_any_training(tiny_cifar_dir, tmp_path, extra, msg):
+def test_bad_options_fail_before_any_training(tiny_cifar_dir, tmp_path, monkeypatch, extra, msg):
+    import data
+    monkeypatch.setattr(data, 'load_dataset', _no_data)
     with pytest.raises(SystemExit, match=msg):
         run_exp1.main(_exp1_args(tiny_cifar_dir, tmp_path / 'bad', *extra))
-    assert not (tmp_path / 'bad' / 'ckpt').exists()
+    assert not (tmp_path / 'bad').exists()
 
 
-def test_interrupted_run_needs_resume_and_the_same_optimizer(tiny_cifar_dir, tmp_path, monkeypatch):
+def _no_data(*a, **k):
+    raise AssertionError('data read before the options were checked')
+
+
+@pytest.mark.parametrize('mod', [run_exp1, run_exp2])
+@pytest.mark.parametrize('where', ['a file', 'under a file', '/proc'])
+def test_bad_out_is_one_error_line_before_any_data(tmp_path, monkeypatch, mod, where):
+    import data
+    monkeypatch.setattr(data, 'load_dataset', _no_data)
+    if where == '/proc' and not os.path.isdir('/proc/self'):
+        pytest.skip('no /proc')
+    (tmp_path / 'f').write_text('x')
+    out = {'a file': tmp_path / 'f', 'under a file': tmp_path / 'f' / 'run', '/proc': '/proc/supernet-run'}[where]
+    with pytest.raises(SystemExit, match=f"^error: --out {out}"):
+        mod.main(['--quick', '--quiet', '--out', str(out)])
+    assert (tmp_path / 'f').read_text() == 'x'
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_interrupted_run_resumes_only_with_its_own_settings(tiny_cifar_dir, straight_exp1, tmp_path, monkeypatch):
     out = tmp_path / 'r'
     _interrupt_at(monkeypatch, 'phase1', 12)
     assert run_exp1.main(_exp1_args(tiny_cifar_dir, out)) == 130
+    ckpt = out / 'ckpt' / 'phase1.npz'
+    saved = ckpt.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert _mode(ckpt) == _mode(out / 'state.json') == 0o666 & ~umask      # not mkstemp's 0600
     with pytest.raises(SystemExit, match='already holds a run'):        # no silent resume
         run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--seed', '3'))
-    rc = run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', '--optimizer', 'adam'))
-    assert rc == 1                                                     # clear error, nothing lost
-    assert list((out / 'ckpt').iterdir())
+    other_data = tmp_path / 'data2'
+    os.symlink(tiny_cifar_dir, other_data)
+    for extra, diffs in [
+        (['--holdout', '98'], ["--holdout '97-98' (now '98')"]),        # would train T97, then "hold it out"
+        (['--seed', '3', '--batch', '5', '--tasks-per-step', '2', '--steps', '40'],
+         ['--seed 0 (now 3)', '--batch 4 (now 5)', '--tasks-per-step 1 (now 2)', '--steps 30 (now 40)']),
+        (['--adapt-steps', '9', '--z-lr', '0.1', '--optimizer', 'adam'],
+         ['--adapt-steps 8 (now 9)', '--z-lr 0.01 (now 0.1)', "--optimizer 'rmsprop' (now 'adam')"]),
+        (['--data-dir', str(other_data), '--log-every', '3'], ['--data-dir ', '--log-every 5 (now 3)']),
+        (['--data', 'synthetic', '--synthetic-train', '5'],
+         ["--data 'cifar100' (now 'synthetic')", '--data-dir ', '--synthetic-train None (now 5)',
+          '--synthetic-test None (now 100)']),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', *extra))
+        msg = str(e.value.code)
+        assert msg.startswith('error: --resume:') and '\n' not in msg
+        for d in diffs:
+            assert d in msg
+        assert msg.count(' (now ') == len(diffs)
+        assert ckpt.read_bytes() == saved                              # nothing lost
+    with pytest.raises(SystemExit, match="--holdout '97-98' \\(now unset\\)"):  # the other experiment's script
+        run_exp2.main(TINY + ['--data-dir', str(tiny_cifar_dir), '--out', str(out), '--resume'])
+    # a run from before settings were stored (no state.json): the checkpoint's own checks remain
+    os.remove(out / 'state.json')
+    assert run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', '--optimizer', 'adam')) == 1
+    assert ckpt.read_bytes() == saved
+    # options that change no result may differ; the run ends where a straight run does
+    assert run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', '--ckpt-every', '5')) == 0
+    a = _strip_times(json.loads((straight_exp1 / 'summary.json').read_text()))
+    assert _strip_times(json.loads((out / 'summary.json').read_text())) == a
+    assert _mode(out / 'phase1.npz') == 0o666 & ~umask
 
 
 def test_aggregate_anywhere_and_quick_keeps_given_options(straight_exp1, capsys):
-    assert run_exp1.main(['--quiet', '--aggregate', str(straight_exp1), str(straight_exp1)]) == 0
-    assert 'z_only' in capsys.readouterr().out
+    assert run_exp1.main(['--quiet', '--aggregate', str(straight_exp1), str(straight_exp1) + '/']) == 0
+    cap = capsys.readouterr()
+    assert 'z_only' in cap.out and 'over 1 runs' in cap.out            # a directory given twice counts once
+    assert f"note: {straight_exp1}/ is given more than once" in cap.err
     args = run_exp1.parse(['--quick', '--steps=77'])
     assert args.steps == 77 and args.adapt_steps == run_exp1.QUICK['adapt_steps']
+
+
+def test_aggregate_rejects_corrupt_and_foreign_summaries(straight_exp1, tmp_path):
+    for name, text, msg in [('corrupt', '{"table": ', 'is corrupt'),
+                            ('exp2', '{"experiment": 2, "table": {}, "config": {"seed": 0}}',
+                             'is an Experiment 2 run; --aggregate takes Experiment 1 runs'),
+                            ('list', '[]', 'is not a run summary')]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / 'summary.json').write_text(text)
+        with pytest.raises(SystemExit, match=f"^error: {d / 'summary.json'} {msg}"):
+            run_exp1.main(['--aggregate', str(straight_exp1), str(d)])
+
+
+def test_damaged_phase1_and_state_files_give_workable_advice(tiny_cifar_dir, straight_exp1, tmp_path, capsys):
+    import shutil
+    out = tmp_path / 'copy'
+    shutil.copytree(straight_exp1, out)
+    resume = _exp1_args(tiny_cifar_dir, out, '--resume')
+    a = _strip_times(json.loads((straight_exp1 / 'summary.json').read_text()))
+    # a truncated phase1.npz: the error names it; deleting it as told redoes phase 1, to the same results
+    with open(out / 'phase1.npz', 'r+b') as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    assert run_exp1.main(resume) == 1
+    assert f"error: {out / 'phase1.npz'} is unreadable or corrupt" in capsys.readouterr().err
+    os.remove(out / 'phase1.npz')
+    assert run_exp1.main(resume) == 0
+    assert 'phase1.npz is missing: phase 1 is then redone' in (out / 'log.txt').read_text()
+    assert _strip_times(json.loads((out / 'summary.json').read_text())) == a
+    # a corrupt state.json: named, and deleting it as told works too
+    (out / 'state.json').write_text('{"stages": {')
+    with pytest.raises(SystemExit, match=f"^error: {out / 'state.json'} is corrupt .*delete it"):
+        run_exp1.main(resume)
+    os.remove(out / 'state.json')
+    assert run_exp1.main(resume) == 0
+    assert _strip_times(json.loads((out / 'summary.json').read_text())) == a
