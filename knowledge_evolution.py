@@ -168,8 +168,18 @@ def run_knowledge_evolution(run, name, cfg, taskset, task, xp, steps_per_gen, ge
     gens, curve = [], []
     for g in range(1, generations + 1):
         stage, path = f'{name}/gen{g}', _gen_path(run, name, g)
+        again = f"generation {g} is then trained again from " + (f"generation {g - 1}'s weights" if g > 1 else 'its initial weights')
+        if run.done(stage) and not os.path.exists(path):
+            run.log(f"[{stage}] {path} is missing: {again}")
+            del run.state['stages'][stage]
         if run.done(stage):
-            weights = S.load_checkpoint(path, cfg=cfg, params_like=weights, xp=xp)[0]
+            try:
+                weights = S.load_checkpoint(path, cfg=cfg, params_like=weights, xp=xp)[0]
+            except S.CheckpointError as e:
+                if e.__cause__ is None:                  # another model's file: the message says what differs
+                    raise
+                raise S.CheckpointError(f"{path} is unreadable or corrupt ({e.__cause__}): delete it and run the "
+                                        f"same command with --resume; {again}") from None
             res = run.state['stages'][stage]
             run.log(f"[{stage}] done already: loaded {path}")
         else:

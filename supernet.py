@@ -605,9 +605,19 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+_FILE_MODE = 0o666 & ~_umask()      # what open(path, 'w') would give
+
+
 def save_checkpoint(path, params, cfg, optimizer=None, extra=None):
     """Params, optimizer state, config and `extra` (a JSON-able dict, e.g. step and RNG
-    state) in one .npz, written atomically (temporary file in the same folder, then rename)."""
+    state) in one .npz, written atomically (temporary file in the same folder, then rename).
+    The file gets the mode the umask gives any new file (mkstemp's temporary is 0600)."""
     arrays = {f'param/{k}': to_host(v) for k, v in params.items()}
     if optimizer is not None:
         arrays.update({f'opt/{k}': to_host(v) for k, v in optimizer.state_arrays().items()})
@@ -622,6 +632,7 @@ def save_checkpoint(path, params, cfg, optimizer=None, extra=None):
     try:
         with os.fdopen(fd, 'wb') as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,6 +2,7 @@
 reset hypothesis only, the slim network (with kels a real narrower network), and a tiny
 2-generation run that resumes from its saved generations."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -185,6 +186,34 @@ def test_two_generations_on_the_tiny_set_and_resume(tmp_path, taskset):
     _, straight = _run(tmp_path / 's', taskset, 3)
     assert _strip(res3) == _strip(straight)
 
+
+
+def test_damaged_or_missing_generation_file_is_trained_again_on_resume(tmp_path, taskset):
+    """A generation file that is corrupt gives a message whose advice works: delete it,
+    resume, and the generation is trained again to the same weights; a missing one is
+    retrained at once. The files get the umask's mode, not mkstemp's 0600."""
+    _, res = _run(tmp_path / 'r', taskset, 2)
+    gen2 = tmp_path / 'r' / 'ke_T3_gen2.npz'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(gen2).st_mode & 0o777 == 0o666 & ~umask
+    saved = dict(np.load(gen2))
+    gen2.write_bytes(b'not an npz')
+    with pytest.raises(S.CheckpointError) as e:
+        _run(tmp_path / 'r', taskset, 2, resume=True)
+    msg = str(e.value)
+    assert str(gen2) in msg and 'delete it and run the same command with --resume' in msg
+    assert "generation 2 is then trained again from generation 1's weights" in msg
+    gen2.unlink()
+    _, again = _run(tmp_path / 'r', taskset, 2, resume=True)
+    assert _strip(again) == _strip(res)
+    assert all(np.array_equal(v, np.load(gen2)[k]) for k, v in saved.items() if k != 'meta')
+    # a file of another model is not called damaged: its message names what differs
+    S.save_checkpoint(str(tmp_path / 'r' / 'ke_T3_gen1.npz'),
+                      S.init_classifier(S.Config(fc=(50, 50)), np.random.default_rng(0)), S.Config(fc=(50, 50)))
+    with pytest.raises(S.CheckpointError, match='fc') as e:
+        _run(tmp_path / 'r', taskset, 2, resume=True)
+    assert 'corrupt' not in str(e.value)
 
 def _record_stages(monkeypatch):
     """Wrap train.train_stage (as knowledge_evolution calls it) to keep host copies of the
