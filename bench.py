@@ -52,9 +52,12 @@ import numpy as np  # noqa: E402
 import supernet as S  # noqa: E402
 from nn import layers as L  # noqa: E402
 from nn.backend import (get_device_module, get_num_threads, parallel_map, set_num_threads,  # noqa: E402
-                        split_range, synchronize, to_device, to_host)
+                        split_range, synchronize, to_device, to_host, usable_cpus)
 from nn.gradcheck import rel_error  # noqa: E402
 from nn.optim import Optimizer  # noqa: E402
+
+
+N_TASKS = 98            # Config(n_tasks=98), the original SuperNet: at most this many tasks in a step
 
 
 # =========================================================================== timing
@@ -453,7 +456,7 @@ def gpu_name(xp):
 
 
 def run(args, xp):
-    cfg = S.Config(n_tasks=98)
+    cfg = S.Config(n_tasks=N_TASKS)
     quick = args.quick
     warmup, repeats = (1, 3) if quick else (3, 15)
     sync = lambda: synchronize(xp)
@@ -568,26 +571,65 @@ def print_table(res, out=None):
           f"{len(t['rel_errors']) - 1} gradients: {'PASS' if t['max_rel_error'] < 1e-6 else 'FAIL'} (bound 1e-6)")
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def positive_int(text):
+    """argparse type: an int >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog='bench.py', description=__doc__.split('\n\n')[0])
     ap.add_argument('--quick', action='store_true', help='fewer repeats, smaller peak probe')
     ap.add_argument('--threads', type=int, default=0,
                     help="CPU threads, ours and PyTorch's (default 0: every usable CPU)")
     ap.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
     ap.add_argument('--vs-torch', action='store_true', help='time PyTorch side by side and check it agrees')
     ap.add_argument('--json', metavar='PATH', help='also save the results as JSON')
-    ap.add_argument('--batches', type=int, nargs='+', default=[20, 128, 512], help='one-task batch sizes')
-    ap.add_argument('--mixed', type=int, nargs=2, default=[8, 64], metavar=('TASKS', 'PER_TASK'),
-                    help='the mixed-task step')
+    ap.add_argument('--batches', type=positive_int, nargs='+', default=[20, 128, 512], help='one-task batch sizes')
+    ap.add_argument('--mixed', type=positive_int, nargs=2, default=[8, 64], metavar=('TASKS', 'PER_TASK'),
+                    help=f'the mixed-task step (TASKS <= {N_TASKS})')
+    return ap
+
+
+def parse_args(argv=None):
+    """The options, checked before any work starts (ap.error: a one-line message, exit 2)."""
+    ap = build_parser()
     args = ap.parse_args(argv)
+    cpus = usable_cpus()
     if args.threads < 0:
         ap.error(f"--threads must be >= 0 (0: every usable CPU), got {args.threads}")
+    if args.threads > cpus:
+        ap.error(f"--threads {args.threads}: this machine has {cpus} usable CPUs")
+    if args.mixed[0] > N_TASKS:
+        ap.error(f"--mixed {args.mixed[0]} {args.mixed[1]}: there are only {N_TASKS} tasks")
+    names = [step_name(1, b) for b in args.batches] + [step_name(*args.mixed)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        ap.error(f"--batches/--mixed: step {', '.join(twice)} is given twice")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            ap.error(f"--json {args.json}: is a directory")
+        if not os.path.isdir(folder):
+            ap.error(f"--json {args.json}: {folder} is not an existing folder")
+        if not os.access(folder, os.W_OK) or (os.path.exists(args.json) and not os.access(args.json, os.W_OK)):
+            ap.error(f"--json {args.json}: not writable")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    xp = get_device_module(args.device)      # RuntimeError with a clear message if no GPU
+    try:
+        xp = get_device_module(args.device)
+        if args.vs_torch:
+            torch_module()
+    except RuntimeError as e:                # no CuPy / CUDA device, or no PyTorch
+        build_parser().error(str(e))
     if xp is np:
         set_num_threads(args.threads)        # ours; BLAS on one thread
     res = run(args, xp)

@@ -115,6 +115,7 @@ import http.client
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tarfile
@@ -470,7 +471,12 @@ def _read_marker(root: Path) -> dict | None:
     path = root / SYNTHETIC_MARKER
     if not path.exists():
         return None
-    fix = f"delete {root} and regenerate it with `python data.py synthetic --out {root.parent}`"
+    # The marker holds the set's settings; load_dataset's folder names hold them too.
+    made = re.fullmatch(r"synthetic-(\d+)-(\d+)-(\d+)", root.parent.name)
+    seed, n_train, n_test = made.groups() if made else ("S", "N", "M")
+    fix = (f"delete {root} and regenerate it with `python data.py synthetic --out {root.parent} --seed {seed} "
+           f"--train-per-class {n_train} --test-per-class {n_test}`"
+           + ("" if made else " (S, N, M: the seed and images per class it was made with)"))
     try:
         marker = json.loads(path.read_text())
         if marker.get("format") != SYNTHETIC_FORMAT:
@@ -1161,15 +1167,53 @@ def _cmd_check(a) -> None:
     print(f"train mean {np.round(mean, 2).tolist()} std {np.round(std, 2).tolist()} (0..255 scale)")
 
 
+def _check_montage(a, error) -> None:
+    """The montage options, checked before any data is loaded or generated (error: ap.error)."""
+    from PIL import Image
+
+    n_tasks = len(exp1_tasks() if a.task_set == "exp1" else exp2_tasks())
+    if not 0 <= a.task < n_tasks:
+        error(f"--task {a.task} is out of range for {a.task_set} (0..{n_tasks - 1})")
+    if a.data == "synthetic":
+        per_class = a.train_per_class if a.split == "train" else a.test_per_class
+    else:
+        per_class = (N_TRAIN if a.split == "train" else N_TEST) // N_FINE
+    if a.n_per_class is None:
+        a.n_per_class = min(8, per_class)
+    elif a.n_per_class > per_class:
+        error(f"--n-per-class {a.n_per_class}: the {a.split} split has {per_class} images per class")
+    Image.init()
+    if Image.registered_extensions().get(a.out.suffix.lower()) not in Image.SAVE:
+        error(f"--out {a.out}: the name must end in an image extension Pillow can write (e.g. .png)")
+    if a.out.is_dir():
+        error(f"--out {a.out}: is a directory")
+    folder = next(p for p in a.out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        error(f"--out {a.out}: {folder} is not a folder")
+
+
 def _cmd_montage(a) -> None:
     ds = load_dataset(a.data, a.data_dir, seed=a.seed, n_train_per_class=a.train_per_class,
                       n_test_per_class=a.test_per_class)
-    tasks = exp1_tasks() if a.task_set == "exp1" else exp2_tasks()
-    if not 0 <= a.task < len(tasks):
-        raise TaskSpecError(f"--task {a.task} is out of range for {a.task_set} (0..{len(tasks) - 1}).")
-    task = tasks[a.task]
-    path = save_task_montage(a.out, ds, task, a.n_per_class, a.split)
+    task = (exp1_tasks() if a.task_set == "exp1" else exp2_tasks())[a.task]
+    try:
+        path = save_task_montage(a.out, ds, task, a.n_per_class, a.split)
+    except OSError as e:
+        raise DataError(f"{a.out}: cannot write the montage ({e}).") from None
     print(f"{a.task_set} task {a.task} = {tuple(task)}: wrote {path}")
+
+
+def _int_at_least(low: int):
+    """argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+    return parse
 
 
 def _add_data_dir(p) -> None:
@@ -1189,9 +1233,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write DIR/cifar-100-python/{train,test,meta,SYNTHETIC.json}, "
                                    "deterministic from --seed.")
     p.add_argument("--out", required=True, type=Path, help="data dir to write into (DIR/cifar-100-python/)")
-    p.add_argument("--train-per-class", type=int, default=500, help="train images per fine class (default 500)")
-    p.add_argument("--test-per-class", type=int, default=100, help="test images per fine class (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--train-per-class", type=_int_at_least(1), default=500,
+                   help="train images per fine class (default 500)")
+    p.add_argument("--test-per-class", type=_int_at_least(1), default=100,
+                   help="test images per fine class (default 100)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="generator seed (default 0)")
     p.set_defaults(func=_cmd_synthetic)
 
     p = sub.add_parser("download", help="download, verify and extract the real CIFAR-100",
@@ -1218,16 +1264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=int, default=0, help="task index in the list (default 0)")
     p.add_argument("--out", type=Path, default=Path("task.png"), help="output PNG (default task.png)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="images from which split")
-    p.add_argument("--n-per-class", type=int, default=8, help="images per row (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic set seed (default 0)")
-    p.add_argument("--train-per-class", type=int, default=500, help="synthetic train images per class")
-    p.add_argument("--test-per-class", type=int, default=100, help="synthetic test images per class")
-    p.set_defaults(func=_cmd_montage)
+    p.add_argument("--n-per-class", type=_int_at_least(1), default=None,
+                   help="images per row (default 8, or the split's images per class if fewer)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="synthetic set seed (default 0)")
+    p.add_argument("--train-per-class", type=_int_at_least(1), default=500, help="synthetic train images per class")
+    p.add_argument("--test-per-class", type=_int_at_least(1), default=100, help="synthetic test images per class")
+    p.set_defaults(func=_cmd_montage, check=_check_montage, parser=p)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "check"):                 # before any data is loaded or generated
+        args.check(args, args.parser.error)
     try:
         args.func(args)
     except DataError as e:

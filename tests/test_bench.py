@@ -114,9 +114,68 @@ def test_part_timer_counts_nested_calls_once_and_restores_on_error():
     assert L.leaky_relu_forward is real and 'step' not in vars(b.opt)
 
 
-def test_threads_flag_is_checked():
-    with pytest.raises(SystemExit):
-        bench.parse_args(['--threads', '-2'])
+def _usage_error(capsys, argv, parse=bench.parse_args):
+    """The one-line argparse error that argv gets (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_threads_flag_is_checked(capsys):
+    cpus = bench.usable_cpus()
+    assert '--threads must be >= 0' in _usage_error(capsys, ['--threads', '-2'])
+    assert _usage_error(capsys, ['--threads', '100000']) == \
+        f'bench.py: error: --threads 100000: this machine has {cpus} usable CPUs'
+    assert f'--threads {cpus + 1}:' in _usage_error(capsys, ['--threads', str(cpus + 1)])
+    assert bench.parse_args(['--threads', str(cpus)]).threads == cpus
+    assert bench.parse_args([]).threads == 0                      # 0: every usable CPU
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--batches', '0'], "argument --batches: must be >= 1, got 0"),
+    (['--batches', '20', '-4'], "argument --batches: must be >= 1, got -4"),
+    (['--batches', '1.5'], "argument --batches: '1.5' is not an integer"),
+    (['--mixed', '0', '64'], "argument --mixed: must be >= 1, got 0"),
+    (['--mixed', '8', '0'], "argument --mixed: must be >= 1, got 0"),
+    (['--mixed', '99', '2'], "--mixed 99 2: there are only 98 tasks"),
+    (['--batches', '20', '20'], "--batches/--mixed: step B=20 is given twice"),
+    (['--batches', '64', '--mixed', '1', '64'], "--batches/--mixed: step B=64 is given twice"),
+])
+def test_step_options_are_checked(capsys, argv, message):
+    assert _usage_error(capsys, argv).endswith(message)
+
+
+def test_mixed_step_may_use_every_task_and_a_batch_of_its_total():
+    args = bench.parse_args(['--batches', '512', '--mixed', '98', '1'])
+    assert args.batches == [512] and args.mixed == [98, 1]
+    b = bench.Bench(S.Config(n_tasks=bench.N_TASKS), 98, 1, np)
+    assert len(set(b.tasks.tolist())) == 98                            # distinct tasks
+
+
+def test_json_path_is_checked_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, 'run', lambda *a: pytest.fail('the benchmark ran'))
+    assert _usage_error(capsys, ['--json', str(tmp_path)], bench.main).endswith(
+        f'--json {tmp_path}: is a directory')
+    path = tmp_path / 'missing' / 'b.json'
+    assert _usage_error(capsys, ['--json', str(path)], bench.main).endswith(
+        f'--json {path}: {path.parent} is not an existing folder')
+    (tmp_path / 'file').write_text('kept')
+    path = tmp_path / 'file' / 'b.json'
+    assert _usage_error(capsys, ['--json', str(path)], bench.main).endswith('is not an existing folder')
+    assert (tmp_path / 'file').read_text() == 'kept'
+    assert bench.parse_args(['--json', str(tmp_path / 'b.json')]).json == str(tmp_path / 'b.json')
+
+
+def test_missing_torch_is_reported_before_the_run(capsys, monkeypatch):
+    def no_torch():
+        raise RuntimeError('--vs-torch needs PyTorch (pip install torch)')
+    monkeypatch.setattr(bench, 'torch_module', no_torch)
+    monkeypatch.setattr(bench, 'run', lambda *a: pytest.fail('the benchmark ran'))
+    assert _usage_error(capsys, ['--quick', '--vs-torch'], bench.main) == \
+        'bench.py: error: --vs-torch needs PyTorch (pip install torch)'
 
 
 def test_flop_count_of_the_original_classifier():
@@ -131,14 +190,15 @@ def test_flop_count_of_the_original_classifier():
     assert bench.step_flops(cfg, 8, 64)['total'] == 8 * 64 * (f['classifier_fwd'] + f['classifier_bwd']) + 8 * f['generator']
 
 
-def test_gpu_request_fails_clearly():
+def test_gpu_request_fails_clearly(capsys, monkeypatch):
     try:
         import cupy  # noqa: F401
         pytest.skip('cupy is installed')
     except ImportError:
         pass
-    with pytest.raises(RuntimeError, match='needs CuPy'):
-        bench.main(['--device', 'gpu', '--quick'])
+    monkeypatch.setattr(bench, 'run', lambda *a: pytest.fail('the benchmark ran'))
+    err = _usage_error(capsys, ['--device', 'gpu', '--quick'], bench.main)
+    assert err.startswith('bench.py: error: --device gpu needs CuPy, which is not installed')
 
 
 def test_gpu_path_runs_on_the_strict_device(monkeypatch, capsys):
@@ -201,7 +261,7 @@ def test_conv_paths_gradcheck(case):
     dx, dw, db = L.conv_backward(dout, cache)
     f = lambda: L.conv_forward(x, w, b, stride, pad)[0]
     for arr, grad in [(x, dx), (w, dw), (b, db)]:
-        assert check_gradient(f, arr, grad, dout) < 1e-6
+        assert check_gradient(f, arr, grad, dout) < 1e-8      # float64: 1e-11..3e-10 when right
     _, dw2, db2 = L.conv_backward(dout, cache, need_dx=False)
     assert np.array_equal(dw, dw2) and np.array_equal(db, db2)
 

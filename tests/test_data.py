@@ -244,10 +244,19 @@ def test_unsafe_pickle_is_refused(cifar_copy, tmp_path):
     assert (tmp_path / "victim").exists()
 
 
-def test_corrupt_marker_is_detected(cifar_copy):
+def test_corrupt_marker_is_detected(cifar_copy, tmp_path):
     marker = cifar_copy / data.CIFAR100_DIRNAME / data.SYNTHETIC_MARKER
     marker.write_text("{not json")
-    assert str(marker) in _load_error(cifar_copy)
+    msg = _load_error(cifar_copy)
+    assert str(marker) in msg
+    # the settings were in the marker: the regenerate command asks for them
+    assert (f"`python data.py synthetic --out {cifar_copy} --seed S --train-per-class N --test-per-class M` "
+            f"(S, N, M: the seed and images per class it was made with)") in msg
+    # a set made by load_dataset: its folder names the settings
+    made = tmp_path / "synthetic-0-20-10"
+    shutil.copytree(cifar_copy, made)
+    assert (f"`python data.py synthetic --out {made} --seed 0 --train-per-class 20 --test-per-class 10`"
+            in _load_error(made))
 
 
 # ---------------------------------------------------------------- tasks
@@ -545,6 +554,72 @@ def test_cli_synthetic_and_montage(tmp_path, capsys):
                       "--task", "53", "--out", str(png), "--train-per-class", "2", "--test-per-class", "1",
                       "--n-per-class", "2"]) == 0
     assert png.exists() and "(53, 3)" in capsys.readouterr().out
-    assert data.main(["montage", "--data-dir", str(tmp_path), "--task", "99", "--out", str(png),
-                      "--train-per-class", "2", "--test-per-class", "1"]) == 1
-    assert "out of range" in capsys.readouterr().err
+    # default --n-per-class: 8, or fewer when the split has fewer images per class
+    assert data.main(["montage", "--data-dir", str(tmp_path), "--out", str(png), "--split", "test",
+                      "--train-per-class", "2", "--test-per-class", "1"]) == 0
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size == data.montage_size(1)
+
+
+def _cli_usage_error(capsys, argv):
+    """The one-line argparse error that data.main(argv) gets (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        data.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+MONTAGE = ["montage", "--train-per-class", "2", "--test-per-class", "1"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n-per-class", "0"], "argument --n-per-class: must be >= 1, got 0"),
+    (["--n-per-class", "-1"], "argument --n-per-class: must be >= 1, got -1"),
+    (["--n-per-class", "3"], "--n-per-class 3: the train split has 2 images per class"),
+    (["--n-per-class", "2", "--split", "test"], "--n-per-class 2: the test split has 1 images per class"),
+    (["--n-per-class", "501", "--data", "cifar100"], "--n-per-class 501: the train split has 500 images per class"),
+    (["--task", "99"], "--task 99 is out of range for exp1 (0..98)"),
+    (["--task", "-1", "--task-set", "exp2"], "--task -1 is out of range for exp2 (0..99)"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--train-per-class", "0"], "argument --train-per-class: must be >= 1, got 0"),
+    (["--test-per-class", "1.5"], "argument --test-per-class: '1.5' is not an integer"),
+    (["--out", "{tmp}/task.txt"], "--out {tmp}/task.txt: the name must end in an image extension Pillow can "
+                                  "write (e.g. .png)"),
+    (["--out", "{tmp}/task"], "--out {tmp}/task: the name must end in an image extension Pillow can write "
+                              "(e.g. .png)"),
+    (["--out", "{tmp}/dir.png"], "--out {tmp}/dir.png: is a directory"),
+    (["--out", "{tmp}/file/x.png"], "--out {tmp}/file/x.png: {tmp}/file is not a folder"),
+])
+def test_cli_montage_options_are_checked_before_loading(tmp_path, capsys, args, message):
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "file").write_text("kept")
+    data_dir = tmp_path / "data"
+    argv = MONTAGE + ["--data-dir", str(data_dir), "--out", str(tmp_path / "t.png")]
+    err = _cli_usage_error(capsys, argv + [a.format(tmp=tmp_path) for a in args])
+    assert err == "python data.py montage: error: " + message.format(tmp=tmp_path)
+    assert not data_dir.exists()                      # nothing loaded, generated or downloaded
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train-per-class", "0"], "argument --train-per-class: must be >= 1, got 0"),
+    (["--test-per-class", "-5"], "argument --test-per-class: must be >= 1, got -5"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+])
+def test_cli_synthetic_options_are_checked(tmp_path, capsys, args, message):
+    err = _cli_usage_error(capsys, ["synthetic", "--out", str(tmp_path / "s")] + args)
+    assert err == "python data.py synthetic: error: " + message
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_montage_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    def fail(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(data, "save_task_montage", fail)
+    png = tmp_path / "t.png"
+    assert data.main(MONTAGE + ["--data-dir", str(tmp_path), "--out", str(png)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"error: {png}: cannot write the montage") and "Traceback" not in err
