@@ -247,6 +247,7 @@ CONV_PATH_CASES = [  # x, w, pad, stride
     ((2, 3, 8, 8, 4), (2, 5, 5, 4, 4), 'SAME', 2),        # F = C: dw from the windows of d
     ((5, 8, 7, 3), (3, 2, 3, 2), ((0, 1), (2, 0)), 1),    # F < C, stride 1, asymmetric padding
     ((4, 9, 9, 4), (2, 2, 4, 3), 'VALID', 3),             # stride > kernel: pixels no tap reaches
+    ((2, 10, 11, 3), (4, 4, 3, 5), 'SAME', 3),            # stride 3, even kernel, SAME's uneven padding
 ]
 
 
