@@ -385,23 +385,22 @@ def _shards(G, m, xp):
 _MIN_SHARD = 16     # images: below this a shard's Python overhead outweighs the second core
 
 
-def classifier_forward(x, weights, cfg, for_backward=True):
+def classifier_forward(x, weights, cfg):
     """x (G, m, H, W, C), weights {name: (G, *shape)} -> logits (G, m), cache.
 
     conv 5x5/2 SAME + leaky ReLU (x4), flatten, fc (+ leaky ReLU if fc_activation), out.
     With several CPU threads (nn.backend.set_num_threads) the batch is cut into shards,
     one per thread, run side by side; classifier_backward sums (or, for group shards,
     joins) their weight gradients. Same maths; float rounding depends on the thread count.
-    for_backward=False: a forward-only pass (evaluation), which keeps less in the cache.
     """
     _check_images(x, cfg)
     xp = get_xp(x, *weights.values())
     shards = _shards(x.shape[0], x.shape[1], xp)
     if shards is None:
-        return _classifier_forward(x, weights, cfg, for_backward)
+        return _classifier_forward(x, weights, cfg)
     axis, slices = shards
-    parts = parallel_map(lambda s: _classifier_forward(*_cut(axis, s, x), _cut_weights(axis, s, weights), cfg,
-                                                       for_backward), slices)
+    parts = parallel_map(lambda s: _classifier_forward(*_cut(axis, s, x), _cut_weights(axis, s, weights), cfg),
+                         slices)
     logits = xp.concatenate([lg for lg, _ in parts], axis=_SHARD_AXIS[axis])
     return logits, ('shards', axis, slices, [c for _, c in parts])
 
@@ -424,13 +423,12 @@ def _check_images(x, cfg):
         raise ValueError(f"classifier: input {tuple(x.shape)} should be (G, m, {', '.join(map(str, cfg.image_shape))})")
 
 
-def _classifier_forward(x, weights, cfg, for_backward=True):
+def _classifier_forward(x, weights, cfg):
     """classifier_forward on one thread."""
     caches = []
     h = x
     for i in range(1, len(cfg.conv_filters) + 1):
-        h, c_conv = L.conv_forward(h, weights[f'conv{i}.w'], weights[f'conv{i}.b'], cfg.stride, cfg.padding,
-                                   for_backward)
+        h, c_conv = L.conv_forward(h, weights[f'conv{i}.w'], weights[f'conv{i}.b'], cfg.stride, cfg.padding)
         h, c_act = L.leaky_relu_forward(h, cfg.alpha)
         caches.append((c_conv, c_act))
     h, c_flat = L.flatten_forward(h, keep=2)
@@ -543,7 +541,7 @@ def group_batch(x, y, task):
 def forward_from_z(params, Z, x, cfg):
     """Logits of x (G, m, H, W, C) under the classifiers generated from Z (G, z_dim)."""
     theta, _ = generator_forward(Z, params, cfg)
-    logits, _ = classifier_forward(x, split_theta(theta, cfg), cfg, for_backward=False)
+    logits, _ = classifier_forward(x, split_theta(theta, cfg), cfg)
     return logits
 
 
@@ -596,7 +594,7 @@ def baseline_loss_and_grads(weights, x, y, cfg):
 
 
 def baseline_logits(weights, x, cfg):
-    return classifier_forward(x[None], {k: v[None] for k, v in weights.items()}, cfg, for_backward=False)[0][0]
+    return classifier_forward(x[None], {k: v[None] for k, v in weights.items()}, cfg)[0][0]
 
 
 # =========================================================================== checkpoints

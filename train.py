@@ -178,7 +178,7 @@ def supernet_logits_fn(params, cfg, z):
     Z = z.reshape(1, -1)
     theta, _ = S.generator_forward(Z, params, cfg)
     weights = S.split_theta(theta, cfg)
-    return lambda x: S.classifier_forward(x[None], weights, cfg, for_backward=False)[0][0]
+    return lambda x: S.classifier_forward(x[None], weights, cfg)[0][0]
 
 
 def baseline_logits_fn(weights, cfg):

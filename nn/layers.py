@@ -101,8 +101,9 @@ def _pad_hw(pad):
 # im2col works on blocks of images: each block's patch matrix is about this size, so it
 # is built and consumed while it is still in cache, and no (N*Ho*Wo, K) matrix is
 # allocated in one piece (39 MB for conv1 at batch 512: fresh allocations that large
-# are page-faulted in on every step). The first layer keeps its blocks for the backward
-# (for_backward); the others free each block after use. One block on a GPU.
+# are page-faulted in on every step). Each block is freed after use; the first layer's
+# dw builds its blocks again (cheaper than keeping 39 MB: README, Performance). One
+# block on a GPU.
 _BLOCK_BYTES = 2 << 20
 
 
@@ -149,15 +150,13 @@ def _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
         yield blk, _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride)
 
 
-def conv_forward(x, w, b, stride=1, pad='SAME', for_backward=True):
+def conv_forward(x, w, b, stride=1, pad='SAME'):
     """2-D convolution (cross-correlation, as every framework) via im2col + matmul.
 
     x:   (N, H, W, C)          or grouped (G, N, H, W, C)
     w:   (kh, kw, C, F)        or grouped (G, kh, kw, C, F)
     b:   (F,)                  or grouped (G, F)
     stride: int; pad: 'SAME' | 'VALID' | int | ((top, bottom), (left, right))
-    for_backward: keep the patch matrix when conv_backward will want it (F > C, the
-                  first layer); False for a forward-only pass (evaluation) saves that memory
     out: (N, Ho, Wo, F)        or grouped (G, N, Ho, Wo, F)
     cache: what conv_backward needs (the padded input, the weights, the geometry)
     """
@@ -186,22 +185,18 @@ def conv_forward(x, w, b, stride=1, pad='SAME', for_backward=True):
     w2 = wg.reshape(G, K, F)
     b_row = xp.tile(bg, (1, Wo))[:, None, :]            # (G, 1, Wo*F): the bias along an output row
     out = xp.empty((G, N, Ho, Wo, F), dtype=x.dtype)
-    keep_cols = for_backward and not _dw_from_d(C, F)   # conv_backward's dw will need im2col(x) again
-    cols = []
     for blk, col in _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
         o = out[:, blk].reshape(G, -1, F)                # a view (each group's block is contiguous)
         xp.matmul(col, w2, out=o)
         o_rows = o.reshape(G, -1, Wo * F)                # the same memory, one output row per line:
         o_rows += b_row                                  # the add runs over Wo*F values, not F
-        if keep_cols:
-            cols.append((blk, col))
-    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped, cols if keep_cols else None)
+    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped)
     return (out if grouped else out[0]), cache
 
 
 def _dw_from_d(C, F):
     """Which way conv_backward gets dw: from the windows of dout when F <= C (they are then
-    no bigger than im2col(x)), else from im2col(x), which conv_forward then keeps."""
+    no bigger than im2col(x)), else from im2col(x), built again block by block."""
     return F <= C
 
 
@@ -271,14 +266,14 @@ def _conv_grads_by_phase(xp, d, xpad, wg, H, W, pads, stride, need_dx, need_dw):
 def conv_backward(dout, cache, need_dx=True):
     """dout: like out -> (dx like x, dw like w, db like b).
 
-    db = sum of dout. dx (and dw when F <= C) by _conv_grads_by_phase; otherwise dw =
-    im2col(x).T @ dout over the patch-matrix blocks that conv_forward kept (the first
-    layer, C=3 < F=16: 39 MB at batch 512, cheaper to keep than to rebuild; rebuilt
-    when the forward was told for_backward=False). Which dw method runs depends only on the shapes, so need_dx does not change dw.
+    db = sum of dout. dx (and dw when F <= C) by _conv_grads_by_phase; otherwise (the
+    first layer, C=3 < F=16) dw = im2col(x).T @ dout over im2col blocks built again here,
+    each used while it is in cache. Which dw method runs depends only on the shapes, so
+    need_dx does not change dw.
     need_dx=False skips the input gradient (returns dx=None): the first layer's input is
     the image, which needs none.
     """
-    xpad, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped, cols = cache
+    xpad, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped = cache
     xp = get_xp(dout, xpad)
     G, N, C = xpad.shape[0], xpad.shape[1], xpad.shape[-1]
     F = w2.shape[2]
@@ -291,9 +286,7 @@ def conv_backward(dout, cache, need_dx=True):
         dx, dw = _conv_grads_by_phase(xp, d, xpad, w2.reshape(G, kh, kw, C, F), H, W, pads, stride,
                                       need_dx, dw_from_d)
     if not dw_from_d:
-        if cols is None:                                 # a forward-only cache: rebuild the blocks
-            cols = _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride)
-        for blk, col in cols:                            # the forward's im2col blocks
+        for blk, col in _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
             part = d[:, blk].reshape(G, -1, F).swapaxes(1, 2) @ col    # (G, F, K): dw transposed,
             dw = part if dw is None else dw + part       # faster than col.T @ d; summed over the blocks
         dw = dw.swapaxes(1, 2).reshape(G, kh, kw, C, F)

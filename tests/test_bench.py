@@ -268,24 +268,6 @@ def test_conv_paths_gradcheck(case):
 
 
 @pytest.mark.parametrize('case', CONV_PATH_CASES)
-def test_forward_only_cache_gives_the_same_backward(monkeypatch, case):
-    """conv_forward(for_backward=False) keeps no patch matrix; conv_backward rebuilds it
-    (many blocks here) and must give the gradients of the kept one bit for bit."""
-    monkeypatch.setattr(L, '_BLOCK_BYTES', 1)
-    shape_x, shape_w, pad, stride = case
-    r = np.random.default_rng(4)
-    x, w = r.normal(size=shape_x), r.normal(size=shape_w)
-    b = r.normal(size=shape_w[:-4] + shape_w[-1:])
-    out, kept = L.conv_forward(x, w, b, stride, pad)
-    out2, lean = L.conv_forward(x, w, b, stride, pad, for_backward=False)
-    assert np.array_equal(out, out2) and lean[-1] is None
-    assert (kept[-1] is not None) == (shape_w[-1] > shape_w[-2])      # kept only when F > C
-    dout = r.normal(size=out.shape)
-    for a, e in zip(L.conv_backward(dout, kept), L.conv_backward(dout, lean)):
-        assert np.array_equal(a, e)
-
-
-@pytest.mark.parametrize('case', CONV_PATH_CASES)
 def test_blocked_conv_equals_one_block(monkeypatch, case):
     """Large batches run the conv in many image blocks (CPU); small ones (the gradient
     checks) in one. Both must give the same numbers, grouped and not."""
