@@ -46,7 +46,7 @@ def parse(argv):
     return T.parse_args(build_parser(), QUICK, argv)
 
 
-def write_results(run, args, counts, phase1_summary, adapt_results, wall):
+def write_results(run, args, counts, phase1_summary, adapt_results, wall, fingerprints):
     methods = ['control_z0', 'control_zmean', 'control_zother', 'control_znew', 'z_only', 'whole_network',
                'finetune', 'ke', 'ke_slim']
     labels = {'control_z0': 'control: z = 0 (no training)',
@@ -91,7 +91,7 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall):
     for h, res in adapt_results.items():
         T.plot_curves(os.path.join(run.path, f'adapt_T{h}.png'), f'Experiment 1, held-out T{h}: test accuracy',
                       {labels[m]: r['curve'] for m, r in res.items() if 'curve' in r})
-    summary = {'experiment': 1, 'config': vars(args), 'param_counts': counts,
+    summary = {'experiment': 1, 'config': vars(args), 'param_counts': counts, 'fingerprints': fingerprints,
                'phase1': {k: v for k, v in phase1_summary.items() if k != 'curve'},
                'adapt': {str(h): {m: {k: v for k, v in r.items() if k != 'curve'} for m, r in res.items()}
                          for h, res in adapt_results.items()},
@@ -163,12 +163,12 @@ def main(argv=None):
         xp, run, ds, taskset = T.start_run(args, tasks)
         run.log(f"Experiment 1 on {args.data_label} "
                 f"({len(ds.train_y)} train / {len(ds.test_y)} test images), {T.device_label(args)}")
-        cfg, counts = T.setup_model(run, args, len(train_ids))
+        cfg, counts, fp = T.setup_model(run, args, len(train_ids), ds)
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         adapt_results = {}
         for j, h in enumerate(holdout):
             adapt_results[h] = T.adapt(run, args, cfg, taskset, params, h, j, len(train_ids), xp)
-        write_results(run, args, counts, p1, adapt_results, time.perf_counter() - t_start)
+        write_results(run, args, counts, p1, adapt_results, time.perf_counter() - t_start, fp)
         return 0
 
     return T.main_guard(body)

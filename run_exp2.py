@@ -66,7 +66,7 @@ def z_swap(params, cfg, taskset, train_ids, rows, xp):
     return out
 
 
-def write_results(run, args, counts, p1, swap, adapt_results, wall):
+def write_results(run, args, counts, p1, swap, adapt_results, wall, fingerprints):
     per = p1['per_task']
     halves = {'normal (i vs i+50)': [t for t in map(int, per) if t < N_PAIRS],
               'reversed (i+50 vs i)': [t for t in map(int, per) if t >= N_PAIRS]}
@@ -117,7 +117,7 @@ def write_results(run, args, counts, p1, swap, adapt_results, wall):
     for h, res in adapt_results.items():
         T.plot_curves(os.path.join(run.path, f'adapt_task{h}.png'), f'Experiment 2, held-out task {h}',
                       {m: r['curve'] for m, r in res.items() if 'curve' in r})
-    summary = {'experiment': 2, 'config': vars(args), 'param_counts': counts,
+    summary = {'experiment': 2, 'config': vars(args), 'param_counts': counts, 'fingerprints': fingerprints,
                'phase1': {k: v for k, v in p1.items() if k != 'curve'}, 'table': table,
                'z_swap': {str(t): v for t, v in swap.items()},
                'adapt': {str(h): {m: {k: v for k, v in r.items() if k != 'curve'} for m, r in res.items()}
@@ -145,13 +145,13 @@ def main(argv=None):
         xp, run, ds, taskset = T.start_run(args, tasks)
         run.log(f"Experiment 2 on {args.data_label}, {len(train_ids)} training "
                 f"tasks, held out {holdout or 'none'}, {T.device_label(args)}")
-        cfg, counts = T.setup_model(run, args, len(train_ids))
+        cfg, counts, fp = T.setup_model(run, args, len(train_ids), ds)
         params, p1 = T.phase1(run, args, cfg, taskset, train_ids, xp)
         rows = {t: i for i, t in enumerate(train_ids)}
         swap = z_swap(params, cfg, taskset, train_ids, rows, xp)
         adapt_results = {h: T.adapt(run, args, cfg, taskset, params, h, j, len(train_ids), xp)
                          for j, h in enumerate(holdout)}
-        write_results(run, args, counts, p1, swap, adapt_results, time.perf_counter() - t_start)
+        write_results(run, args, counts, p1, swap, adapt_results, time.perf_counter() - t_start, fp)
         return 0
 
     return T.main_guard(body)

@@ -743,13 +743,33 @@ def add_ke_slim(adapt_results):
                               'trainable': res['ke']['slim_params']}
 
 
-def setup_model(run, args, n_train):
-    """The model config of a run, its parameter counts logged (the counts the README states)."""
+def setup_model(run, args, n_train, ds):
+    """The model config of a run, its parameter counts and fingerprints, both logged."""
     cfg = model_config(args, n_tasks=n_train)
     counts = S.count_params(cfg)
     run.log(f"parameters: classifier {counts['classifier']:,} (generated), generator "
             f"{counts['generator']:,}, z {counts['z_per_task']} per task x {cfg.n_tasks} tasks")
-    return cfg, counts
+    fp = fingerprints(ds, cfg, args.seed)
+    run.log('fingerprints (md5): ' + ', '.join(f'{k} {v}' for k, v in fp.items()))
+    return cfg, counts, fp
+
+
+def _md5(*arrays):
+    import hashlib
+    h = hashlib.md5(usedforsecurity=False)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+    return h.hexdigest()
+
+
+def fingerprints(ds, cfg, seed):
+    """md5s of what a run starts from: the images and labels of each split, and the initial
+    parameters (float32, host) of `cfg` and `seed`. Equal fingerprints on two machines mean
+    the same start; two runs that differ from step 0 on (results/host-dependence.txt) show
+    which of the two differs."""
+    p = S.init_params(cfg, seed=seed)
+    return {'train_data': _md5(ds.train_x, ds.train_y), 'test_data': _md5(ds.test_x, ds.test_y),
+            'init_params': _md5(*(p[k] for k in sorted(p)))}
 
 
 def main_guard(fn):

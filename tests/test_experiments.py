@@ -77,6 +77,29 @@ def test_exp1_end_to_end(tiny_cifar_dir, straight_exp1):
         run_exp1.main(_exp1_args(tiny_cifar_dir, out))
 
 
+
+def test_fingerprints_name_the_data_and_initial_parameters(tiny_cifar_dir, straight_exp1):
+    """summary.json's fingerprints are md5s of the run's data and initial parameters: they
+    match an independent hash of the loaded files and of init_params, and change when one
+    pixel or the seed does (what tells two hosts' runs apart before step 1)."""
+    import hashlib
+
+    import data
+    fp = json.loads((straight_exp1 / 'summary.json').read_text())['fingerprints']
+    assert 'fingerprints (md5): train_data ' + fp['train_data'] in (straight_exp1 / 'log.txt').read_text()
+    ds = data.load_cifar100(tiny_cifar_dir)
+    h = hashlib.md5(ds.train_x.tobytes() + ds.train_y.tobytes())
+    assert fp['train_data'] == h.hexdigest()
+    cfg = S.Config(n_tasks=97)
+    p = S.init_params(cfg, seed=0)
+    assert fp['init_params'] == hashlib.md5(b''.join(p[k].tobytes() for k in sorted(p))).hexdigest()
+    assert T.fingerprints(ds, cfg, 0) == fp
+    assert T.fingerprints(ds, cfg, 1)['init_params'] != fp['init_params']
+    ds.test_x = ds.test_x.copy()
+    ds.test_x[3, 4, 5, 1] ^= 1
+    changed = T.fingerprints(ds, cfg, 0)
+    assert changed['test_data'] != fp['test_data'] and changed['train_data'] == fp['train_data']
+
 def _interrupt_at(monkeypatch, stage_prefix, n_calls):
     """Make the sampler of the first stage named stage_prefix* raise a real SIGINT at its n-th batch."""
     orig = T.train_stage
