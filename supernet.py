@@ -41,7 +41,7 @@ cut into shards, one per thread (classifier_loss_and_grads, classifier_forward).
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -603,19 +603,11 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _umask():
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-_FILE_MODE = 0o666 & ~_umask()      # what open(path, 'w') would give
-
-
 def save_checkpoint(path, params, cfg, optimizer=None, extra=None):
     """Params, optimizer state, config and `extra` (a JSON-able dict, e.g. step and RNG
     state) in one .npz, written atomically (temporary file in the same folder, then rename).
-    The file gets the mode the umask gives any new file (mkstemp's temporary is 0600)."""
+    The file gets the mode the umask gives any new file (as open(path, 'w') would; not
+    mkstemp's 0600): the temporary file is created with 0o666 and the kernel applies the umask."""
     arrays = {f'param/{k}': to_host(v) for k, v in params.items()}
     if optimizer is not None:
         arrays.update({f'opt/{k}': to_host(v) for k, v in optimizer.state_arrays().items()})
@@ -626,11 +618,11 @@ def save_checkpoint(path, params, cfg, optimizer=None, extra=None):
     arrays['meta'] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.ckpt-', suffix='.npz', dir=folder)
+    tmp = os.path.join(folder, f'.ckpt-{os.getpid()}-{secrets.token_hex(6)}.npz')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, 'wb') as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -645,6 +637,7 @@ def load_checkpoint(path, cfg=None, params_like=None, xp=np):
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}
         meta = json.loads(bytes(data.pop('meta')).decode())
+        Config.from_dict(meta['config'])              # a readable file without a model config is damaged too
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist")
     except Exception as e:

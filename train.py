@@ -70,10 +70,15 @@ class RunDir:
             if diffs:
                 raise SystemExit(f"error: --resume: {path} was run with other settings: {', '.join(diffs)}; "
                                  "resume with the run's own options, or start a new run with another --out")
-        if settings is not None and old is None and held:
-            self.log(f"note: {path} is a run from before settings were stored: this resume's options are not checked")
-        elif settings is not None:
-            self.state['settings'] = settings       # written before the first stage (phase1)
+        self.unstored_settings = None
+        if settings is not None and old is None:
+            if held:        # stored once a stage finishes: only then has this resume been accepted
+                self.log(f"note: {path} has no stored settings (a run from before they were stored, or its "
+                         "state.json was deleted): this resume's options are not checked; they are stored "
+                         "when its next stage finishes")
+                self.unstored_settings = settings
+            else:
+                self.state['settings'] = settings   # written before the first stage (phase1)
 
     def log(self, msg):
         if not self.quiet:
@@ -91,6 +96,8 @@ class RunDir:
         """Record a finished stage; only then is its checkpoint deleted, so an interruption
         anywhere before (the final evaluation included) loses nothing."""
         self.state.setdefault('stages', {})[stage] = result
+        if self.unstored_settings is not None:
+            self.state['settings'], self.unstored_settings = self.unstored_settings, None
         self.write_json('state.json', self.state)
         if os.path.exists(self.ckpt(stage)):
             os.remove(self.ckpt(stage))
@@ -476,10 +483,14 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     params = S.init_params(cfg, seed=args.seed, xp=xp)
     final = os.path.join(run.path, 'phase1.npz')
     run.write_json('state.json', run.state)          # the settings, for --resume's check
-    again = "phase 1 is then redone (the same settings and --threads give the same generator)"
+    again = "phase 1 and every stage after it are then redone"
     if run.done('phase1') and not os.path.exists(final):
+        # the later stages started from the lost generator: a redone phase 1 (--threads may
+        # differ on resume, and with it the rounding) must not be mixed with their results
         run.log(f"[phase1] {final} is missing: {again}")
-        del run.state['stages']['phase1']
+        run.state['stages'] = {}
+        for f in (os.listdir(run.ckpt_dir) if os.path.isdir(run.ckpt_dir) else []):
+            os.remove(os.path.join(run.ckpt_dir, f))
     if not run.done('phase1') and getattr(args, 'phase1_from', None):
         _import_phase1(run, args.phase1_from, final, train_ids, cfg)
     if run.done('phase1'):
@@ -666,6 +677,7 @@ def run_settings(args):
         s['data_dir'] = os.path.abspath(s['data_dir'] or D.default_data_dir())
     if s.get('phase1_from'):
         s['phase1_from'] = os.path.abspath(s['phase1_from'])
+    s['gen_hidden'] = ','.join(v.strip() for v in s['gen_hidden'].split(',') if v.strip())   # '256, 256' = '256,256'
     return s
 
 

@@ -336,12 +336,18 @@ def test_interrupted_run_resumes_only_with_its_own_settings(tiny_cifar_dir, stra
         assert ckpt.read_bytes() == saved                              # nothing lost
     with pytest.raises(SystemExit, match="--holdout '97-98' \\(now unset\\)"):  # the other experiment's script
         run_exp2.main(TINY + ['--data-dir', str(tiny_cifar_dir), '--out', str(out), '--resume'])
-    # a run from before settings were stored (no state.json): the checkpoint's own checks remain
+    # no stored settings (a run from before they were stored, or state.json deleted as the
+    # corrupt-file advice says): the checkpoint's own checks remain, a refused resume stores
+    # nothing, and an accepted one stores its settings again
     os.remove(out / 'state.json')
     assert run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', '--optimizer', 'adam')) == 1
     assert ckpt.read_bytes() == saved
+    assert 'settings' not in json.loads((out / 'state.json').read_text())
     # options that change no result may differ; the run ends where a straight run does
     assert run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', '--ckpt-every', '5')) == 0
+    assert json.loads((out / 'state.json').read_text())['settings']['optimizer'] == 'rmsprop'
+    with pytest.raises(SystemExit, match="--seed 0 \\(now 3\\)"):
+        run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--resume', '--seed', '3'))
     a = _strip_times(json.loads((straight_exp1 / 'summary.json').read_text()))
     assert _strip_times(json.loads((out / 'summary.json').read_text())) == a
     assert _mode(out / 'phase1.npz') == 0o666 & ~umask
@@ -382,7 +388,10 @@ def test_damaged_phase1_and_state_files_give_workable_advice(tiny_cifar_dir, str
     assert f"error: {out / 'phase1.npz'} is unreadable or corrupt" in capsys.readouterr().err
     os.remove(out / 'phase1.npz')
     assert run_exp1.main(resume) == 0
-    assert 'phase1.npz is missing: phase 1 is then redone' in (out / 'log.txt').read_text()
+    log = (out / 'log.txt').read_text()
+    assert 'phase1.npz is missing: phase 1 and every stage after it are then redone' in log
+    after = log.split('phase1.npz is missing')[1]
+    assert 'done already' not in after and '[adapt/T98/finetune] step' in after     # not mixed with old stages
     assert _strip_times(json.loads((out / 'summary.json').read_text())) == a
     # a corrupt state.json: named, and deleting it as told works too
     (out / 'state.json').write_text('{"stages": {')

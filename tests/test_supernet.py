@@ -1,5 +1,7 @@
 """The whole SuperNet backward against finite differences (float64), parameter counts,
 training, z-only mode, the baseline, checkpoints and seeds."""
+import os
+
 import numpy as np
 import pytest
 
@@ -287,6 +289,17 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         S.load_checkpoint(tmp_path / 'bad.npz')
     with pytest.raises(S.CheckpointError, match='does not exist'):
         S.load_checkpoint(tmp_path / 'none.npz')
+    # a readable .npz whose meta lacks the model config is damaged too (not a bare KeyError)
+    np.savez(tmp_path / 'noconfig.npz', meta=np.frombuffer(b'{"extra": {}}', dtype=np.uint8))
+    with pytest.raises(S.CheckpointError, match="corrupt .*KeyError: 'config'"):
+        S.load_checkpoint(tmp_path / 'noconfig.npz')
+    # the file's mode is the umask's, as open() would give (the temporary is created 0o666 & ~umask)
+    umask = os.umask(0o027)
+    try:
+        S.save_checkpoint(tmp_path / 'mode.npz', p, cfg)
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / 'mode.npz').st_mode & 0o777 == 0o640
 
 
 def test_bad_inputs_are_rejected():
