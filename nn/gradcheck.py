@@ -66,18 +66,20 @@ def numerical_gradient(f, x, df=None, h=1e-5, idx=None):
     return grad
 
 
-def check_gradient(f, x, analytic, df=None, h=1e-5, n_samples=None, seed=0, idx=None, min_grad=None):
+def check_gradient(f, x, analytic, df=None, h=1e-5, n_samples=None, seed=0, idx=None, min_grad=None,
+                   name='check_gradient'):
     """rel_error between `analytic` (the backward's dx, of x's shape) and the numerical
     gradient of x, on n_samples random coordinates (all if None) or on the flat indices idx.
     min_grad: raise if the sampled numerical gradient's max |.| is not above it (a check of
-    a gradient that is zero everywhere sampled would pass whatever the backward did)."""
+    a gradient that is zero everywhere sampled would pass whatever the backward did).
+    name: what the error messages start with (which check failed)."""
     if tuple(analytic.shape) != tuple(x.shape):
-        raise ValueError(f"check_gradient: the analytic gradient has shape {tuple(analytic.shape)}, "
+        raise ValueError(f"{name}: the analytic gradient has shape {tuple(analytic.shape)}, "
                          f"the input {tuple(x.shape)}")
     if idx is None:
         idx = sample_indices(x.shape, n_samples, np.random.default_rng(seed))
     num = numerical_gradient(f, x, df, h, idx)
     if min_grad is not None and not np.max(np.abs(num), initial=0.0) > min_grad:
-        raise RuntimeError(f"check_gradient: the sampled numerical gradient is at most {min_grad:g} "
+        raise RuntimeError(f"{name}: the sampled numerical gradient is at most {min_grad:g} "
                            "in magnitude: the check would prove nothing")
     return rel_error(to_host(analytic).reshape(-1)[idx], num)
