@@ -50,9 +50,10 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 
 import supernet as S  # noqa: E402
+from data import int_at_least  # noqa: E402
 from nn import layers as L  # noqa: E402
 from nn.backend import (get_device_module, get_num_threads, parallel_map, set_num_threads,  # noqa: E402
-                        split_range, synchronize, to_device, to_host, usable_cpus)
+                        split_range, synchronize, threads_error, to_device, to_host)
 from nn.gradcheck import rel_error  # noqa: E402
 from nn.optim import Optimizer  # noqa: E402
 
@@ -571,17 +572,6 @@ def print_table(res, out=None):
           f"{len(t['rel_errors']) - 1} gradients: {'PASS' if t['max_rel_error'] < 1e-6 else 'FAIL'} (bound 1e-6)")
 
 
-def positive_int(text):
-    """argparse type: an int >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
 def build_parser():
     ap = argparse.ArgumentParser(prog='bench.py', description=__doc__.split('\n\n')[0])
     ap.add_argument('--quick', action='store_true', help='fewer repeats, smaller peak probe')
@@ -590,8 +580,8 @@ def build_parser():
     ap.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
     ap.add_argument('--vs-torch', action='store_true', help='time PyTorch side by side and check it agrees')
     ap.add_argument('--json', metavar='PATH', help='also save the results as JSON')
-    ap.add_argument('--batches', type=positive_int, nargs='+', default=[20, 128, 512], help='one-task batch sizes')
-    ap.add_argument('--mixed', type=positive_int, nargs=2, default=[8, 64], metavar=('TASKS', 'PER_TASK'),
+    ap.add_argument('--batches', type=int_at_least(1), nargs='+', default=[20, 128, 512], help='one-task batch sizes')
+    ap.add_argument('--mixed', type=int_at_least(1), nargs=2, default=[8, 64], metavar=('TASKS', 'PER_TASK'),
                     help=f'the mixed-task step (TASKS <= {N_TASKS})')
     return ap
 
@@ -600,11 +590,8 @@ def parse_args(argv=None):
     """The options, checked before any work starts (ap.error: a one-line message, exit 2)."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    cpus = usable_cpus()
-    if args.threads < 0:
-        ap.error(f"--threads must be >= 0 (0: every usable CPU), got {args.threads}")
-    if args.threads > cpus:
-        ap.error(f"--threads {args.threads}: this machine has {cpus} usable CPUs")
+    if threads_error(args.threads):
+        ap.error(threads_error(args.threads))
     if args.mixed[0] > N_TASKS:
         ap.error(f"--mixed {args.mixed[0]} {args.mixed[1]}: there are only {N_TASKS} tasks")
     names = [step_name(1, b) for b in args.batches] + [step_name(*args.mixed)]

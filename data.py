@@ -1203,8 +1203,8 @@ def _cmd_montage(a) -> None:
     print(f"{a.task_set} task {a.task} = {tuple(task)}: wrote {path}")
 
 
-def _int_at_least(low: int):
-    """argparse type: an int >= low."""
+def int_at_least(low: int):
+    """argparse type: an int >= low (data.py's and bench.py's command lines)."""
     def parse(text: str) -> int:
         try:
             n = int(text)
@@ -1233,11 +1233,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write DIR/cifar-100-python/{train,test,meta,SYNTHETIC.json}, "
                                    "deterministic from --seed.")
     p.add_argument("--out", required=True, type=Path, help="data dir to write into (DIR/cifar-100-python/)")
-    p.add_argument("--train-per-class", type=_int_at_least(1), default=500,
+    p.add_argument("--train-per-class", type=int_at_least(1), default=500,
                    help="train images per fine class (default 500)")
-    p.add_argument("--test-per-class", type=_int_at_least(1), default=100,
+    p.add_argument("--test-per-class", type=int_at_least(1), default=100,
                    help="test images per fine class (default 100)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="generator seed (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="generator seed (default 0)")
     p.set_defaults(func=_cmd_synthetic)
 
     p = sub.add_parser("download", help="download, verify and extract the real CIFAR-100",
@@ -1264,11 +1264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=int, default=0, help="task index in the list (default 0)")
     p.add_argument("--out", type=Path, default=Path("task.png"), help="output PNG (default task.png)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="images from which split")
-    p.add_argument("--n-per-class", type=_int_at_least(1), default=None,
+    p.add_argument("--n-per-class", type=int_at_least(1), default=None,
                    help="images per row (default 8, or the split's images per class if fewer)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="synthetic set seed (default 0)")
-    p.add_argument("--train-per-class", type=_int_at_least(1), default=500, help="synthetic train images per class")
-    p.add_argument("--test-per-class", type=_int_at_least(1), default=100, help="synthetic test images per class")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="synthetic set seed (default 0)")
+    p.add_argument("--train-per-class", type=int_at_least(1), default=500, help="synthetic train images per class")
+    p.add_argument("--test-per-class", type=int_at_least(1), default=100, help="synthetic test images per class")
     p.set_defaults(func=_cmd_montage, check=_check_montage, parser=p)
     return ap
 

@@ -701,7 +701,7 @@ METHODS = ('z_only', 'whole_network', 'finetune', 'ke')
 
 def validate_args(args, n_train, n_holdout):
     """Reject bad options before any data is read or training done (not after a 50,000-step phase 1)."""
-    from nn.backend import usable_cpus
+    from nn.backend import threads_error
 
     def need(ok, msg):
         if not ok:
@@ -713,11 +713,10 @@ def validate_args(args, n_train, n_holdout):
               'eval_tasks', 'synthetic_train', 'synthetic_test'):
         need(getattr(args, k) >= 1, f"{opt(k)} must be >= 1, got {getattr(args, k)}")
     for k, zero in (('eval_every', '10 evaluations per stage'), ('log_every', '20 progress lines per stage'),
-                    ('ckpt_every', '10 checkpoints per stage'), ('threads', 'every usable CPU')):
+                    ('ckpt_every', '10 checkpoints per stage')):
         need(getattr(args, k) >= 0, f"{opt(k)} must be >= 0 (0: {zero}), got {getattr(args, k)}")
     need(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
-    cpus = usable_cpus()
-    need(args.threads <= cpus, f"--threads {args.threads}: this machine has {cpus} usable CPU{'s' * (cpus != 1)}")
+    need(threads_error(args.threads) is None, threads_error(args.threads))
     for k in ('lr', 'z_lr', 'baseline_lr', 'finetune_lr'):
         v = getattr(args, k)
         need(v is None or 0 < v < math.inf, f"{opt(k)} must be a positive number, got {v}")

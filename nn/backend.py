@@ -134,6 +134,16 @@ def usable_cpus():
     return os.cpu_count() or 1
 
 
+def threads_error(n):
+    """What is wrong with a --threads value n (0: every usable CPU), or None: the one check
+    of the command lines (run scripts, bench.py), made before any work starts."""
+    if n < 0:
+        return f"--threads must be >= 0 (0: every usable CPU), got {n}"
+    cpus = usable_cpus()
+    if n > cpus:
+        return f"--threads {n}: this machine has {cpus} usable CPU{'s' * (cpus != 1)}"
+    return None
+
 
 def _openblas_functions(suffix):
     """The `<prefix>_<suffix>` functions of the OpenBLAS libraries loaded in this process
