@@ -173,13 +173,7 @@ def run_knowledge_evolution(run, name, cfg, taskset, task, xp, steps_per_gen, ge
             run.log(f"[{stage}] {path} is missing: {again}")
             del run.state['stages'][stage]
         if run.done(stage):
-            try:
-                weights = S.load_checkpoint(path, cfg=cfg, params_like=weights, xp=xp)[0]
-            except S.CheckpointError as e:
-                if e.__cause__ is None:                  # another model's file: the message says what differs
-                    raise
-                raise S.CheckpointError(f"{path} is unreadable or corrupt ({e.__cause__}): delete it and run the "
-                                        f"same command with --resume; {again}") from None
+            weights = T.load_finished(path, again, cfg=cfg, params_like=weights, xp=xp)[0]
             res = run.state['stages'][stage]
             run.log(f"[{stage}] done already: loaded {path}")
         else:

@@ -494,13 +494,7 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     if not run.done('phase1') and getattr(args, 'phase1_from', None):
         _import_phase1(run, args.phase1_from, final, train_ids, cfg)
     if run.done('phase1'):
-        try:
-            saved, _, _ = S.load_checkpoint(final, cfg=cfg, params_like=params, xp=xp)
-        except S.CheckpointError as e:
-            if e.__cause__ is None:                  # not a damaged file (e.g. another model): as it is
-                raise
-            raise S.CheckpointError(f"{final} is unreadable or corrupt ({e.__cause__}): delete it and run the "
-                                    f"same command with --resume; {again}") from None
+        saved, _, _ = load_finished(final, again, cfg=cfg, params_like=params, xp=xp)
         run.log(f"[phase1] done already: loaded {final}")
         return saved, run.state['stages']['phase1']
     watch = train_ids[:: max(1, len(train_ids) // max(1, args.eval_tasks))][:args.eval_tasks]
@@ -534,6 +528,19 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     run.log(f"[phase1] {len(train_ids)} tasks: train acc {summary['train_acc_mean']:.3f}, "
             f"test acc {summary['test_acc_mean']:.3f} (min {summary['test_acc_min']:.3f}) in {wall:.0f} s")
     return params, summary
+
+
+def load_finished(path, again, **kw):
+    """S.load_checkpoint(path, **kw) of a finished stage's file. A damaged file is reported
+    with advice that works: delete it and --resume, after which `again` happens (the stage
+    is trained again); another model's file keeps load_checkpoint's own message."""
+    try:
+        return S.load_checkpoint(path, **kw)
+    except S.CheckpointError as e:
+        if e.__cause__ is None:                  # not a damaged file (e.g. another model): as it is
+            raise
+        raise S.CheckpointError(f"{path} is unreadable or corrupt ({e.__cause__}): delete it and run the "
+                                f"same command with --resume; {again}") from None
 
 
 def _import_phase1(run, src, final, train_ids, cfg):
