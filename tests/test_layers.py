@@ -188,14 +188,19 @@ def test_conv_rejects_bad_shapes():
         L.dense_forward(r.normal(size=(2, 5)), r.normal(size=(4, 3)), r.normal(size=3))
 
 
-def test_gradcheck_detects_a_wrong_backward():
-    """The checker itself can fail: a transposed dense gradient is caught."""
-    r = _rng(8)
-    x, w, b = r.normal(size=(4, 4)), r.normal(size=(4, 4)), r.normal(size=4)
+
+def _dense_case(seed, n, d, k):
+    """A dense layer on random x (n, d), w (d, k), b (k,) for the checker's own tests:
+    (x, w, b, dout, dw, f) with f() = the forward, reading x, w, b as they are."""
+    r = _rng(seed)
+    x, w, b = r.normal(size=(n, d)), r.normal(size=(d, k)), r.normal(size=k)
     out, cache = L.dense_forward(x, w, b)
     dout = r.normal(size=out.shape)
-    _, dw, _ = L.dense_backward(dout, cache)
-    f = lambda: L.dense_forward(x, w, b)[0]
+    return x, w, b, dout, L.dense_backward(dout, cache)[1], lambda: L.dense_forward(x, w, b)[0]
+
+def test_gradcheck_detects_a_wrong_backward():
+    """The checker itself can fail: a transposed dense gradient is caught."""
+    x, w, b, dout, dw, f = _dense_case(8, 4, 4, 4)
     assert check_gradient(f, w, dw, dout) < TOL
     assert check_gradient(f, w, dw.T, dout) > 1e-2
     with pytest.raises(TypeError, match='float64'):
@@ -205,12 +210,7 @@ def test_gradcheck_detects_a_wrong_backward():
 def test_gradcheck_rejects_a_gradient_of_the_wrong_shape():
     """A backward returning the transpose of a square gradient is caught by the values
     (above); one of another shape must be refused, not flattened and compared."""
-    r = _rng(9)
-    x, w, b = r.normal(size=(4, 3)), r.normal(size=(3, 2)), r.normal(size=2)
-    out, cache = L.dense_forward(x, w, b)
-    dout = r.normal(size=out.shape)
-    _, dw, _ = L.dense_backward(dout, cache)
-    f = lambda: L.dense_forward(x, w, b)[0]
+    x, w, b, dout, dw, f = _dense_case(9, 4, 3, 2)
     assert check_gradient(f, w, dw, dout) < TOL
     with pytest.raises(ValueError, match=r'shape \(2, 3\), the input \(3, 2\)'):
         check_gradient(f, w, dw.T, dout)
@@ -221,12 +221,7 @@ def test_gradcheck_rejects_a_gradient_of_the_wrong_shape():
 def test_gradcheck_perturbs_a_non_contiguous_input_in_place():
     """x may be a view (a transpose, a strided slice): the perturbation must reach the
     array f reads, and the gradient must come back in the view's own index order."""
-    r = _rng(10)
-    x, w, b = r.normal(size=(4, 3)), r.normal(size=(3, 5)), r.normal(size=5)
-    out, cache = L.dense_forward(x, w, b)
-    dout = r.normal(size=out.shape)
-    _, dw, _ = L.dense_backward(dout, cache)
-    f = lambda: L.dense_forward(x, w, b)[0]
+    x, w, b, dout, dw, f = _dense_case(10, 4, 3, 5)
     wT = w.T                                          # (5, 3), not C-contiguous
     assert not wT.flags.c_contiguous
     assert check_gradient(f, wT, dw.T, dout) < TOL
