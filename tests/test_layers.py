@@ -86,6 +86,38 @@ def test_conv_backward(case):
     assert np.array_equal(dw, dw2) and np.array_equal(db, db2)
 
 
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('case', CONV_CASES)
+def test_conv_item_copies_equal_plain_copies(case, dtype, monkeypatch):
+    # On the CPU, im2col and the scatter of dx move pixels / kernel rows as opaque items
+    # (L._fast_copy); the plain strided copies must give the same numbers, bit for bit.
+    N, H, W, C, kh, kw, F, s, pad = case
+    r = _rng(3)
+    x, w, b = (r.normal(size=(2, N, H, W, C)).astype(dtype), r.normal(size=(2, kh, kw, C, F)).astype(dtype),
+               r.normal(size=(2, F)).astype(dtype))
+    taken = []
+    real = L._fast_copy
+    monkeypatch.setattr(L, '_fast_copy', lambda xp, a: taken.append(real(xp, a)) or taken[-1])
+    out, cache = L.conv_forward(x, w, b, s, pad)
+    dout = r.normal(size=out.shape).astype(dtype)
+    grads = L.conv_backward(dout, cache)
+    assert taken and all(taken)                      # the item path really ran
+    monkeypatch.setattr(L, '_fast_copy', lambda xp, a: False)
+    out2, cache2 = L.conv_forward(x, w, b, s, pad)
+    assert np.array_equal(out, out2)
+    for a, e in zip(grads, L.conv_backward(dout, cache2)):
+        assert a.dtype == e.dtype == dtype and np.array_equal(a, e)
+
+
+def test_im2col_of_a_view_with_strided_channels_takes_the_plain_copy():
+    # _items needs a contiguous last axis; a view without one is copied the plain way
+    a = _rng(4).normal(size=(1, 2, 6, 6, 6))[..., ::2]          # channels 2 values apart
+    assert not L._fast_copy(np, a)
+    cols = L._im2col(np, a, 3, 3, 2, 2, 2)
+    assert np.array_equal(cols[0, 0], a[0, 0, :3, :3].reshape(-1))
+    assert np.array_equal(cols[0, -1], a[0, 1, 2:5, 2:5].reshape(-1))
+
+
 @pytest.mark.parametrize('k,s,pad,C,F', [
     (5, 2, 'SAME', 3, 4),          # the original's geometry, F > C
     (5, 3, 'SAME', 3, 4),          # stride 3, TF SAME padding (1, 2)
