@@ -142,23 +142,25 @@ def _items(a, n):
     return a.view(np.dtype((np.void, n * a.itemsize)))[..., 0]
 
 
-def _fast_copy(xp, a):
-    """Whether a strided copy of a (its last axis contiguous) may go through _items.
+def _fast_copy(xp, a, run):
+    """Whether a strided copy of a, whose contiguous runs are `run` values long (a's last
+    axis contiguous), should go through _items.
 
-    numpy copies a strided array one innermost run at a time, at a fixed cost per run,
-    and the runs here are short (kw*C = 15 values for the first layer, C = 16 for the
-    scatter of dx). Moving the same bytes as opaque items, one per pixel or per kernel
-    row, is measured 1.2-1.6x faster for these copies (README, Performance). On a GPU
-    the copy is one kernel either way."""
-    return xp is np and a.strides[-1] == a.itemsize
+    numpy copies a strided array one innermost run at a time, at a fixed cost per run.
+    For the first layer's im2col, whose runs are kw*C = 15 values, moving the same bytes
+    as opaque items, one per kernel row of kw pixels, is measured 1.15-1.3x faster
+    (README, Performance); for runs of 32 values and more (the other layers' patch
+    matrices) it is not, nor for the scatter of dx (runs of C = 16), so those stay
+    plain. On a GPU: always plain."""
+    return xp is np and run < 32 and a.strides[-1] == a.itemsize
 
 
 def _im2col(xp, a, kh, kw, Ho, Wo, stride):
     """a (G, n, Hp, Wp, C) padded -> (G, n*Ho*Wo, kh*kw*C): one row per output pixel,
     columns ordered (kh, kw, C) like an HWIO weight, which so reshapes to (K, F) for free.
-    (On the CPU the copy moves one kernel row of kw pixels at a time: see _fast_copy.)"""
+    (On the CPU short rows are copied a kernel row of kw pixels at a time: _fast_copy.)"""
     G, n, C = a.shape[0], a.shape[1], a.shape[-1]
-    if not _fast_copy(xp, a):
+    if not _fast_copy(xp, a, kw * C):
         return _windows(xp, a, kh, kw, Ho, Wo, stride).reshape(G, n * Ho * Wo, kh * kw * C)
     pix = _items(a, C)[..., None]                                       # (G, n, Hp, Wp, 1) pixels
     rows = _items(_windows(xp, pix, kh, kw, Ho, Wo, stride)[..., 0], kw)  # (G, n, Ho, Wo, kh) kernel rows
@@ -276,11 +278,7 @@ def _conv_grads_by_phase(xp, d, xpad, wg, H, W, pads, stride, need_dx, need_dw):
             for blk in _image_blocks(xp, N, G * ny * nx * nA * nB * F * d.dtype.itemsize):
                 dcol = _im2col(xp, win[:, blk], nA, nB, ny, nx, 1)       # (G, n*ny*nx, nA*nB*F)
                 if need_dx:
-                    dx_ph = (dcol @ w_mat).reshape(G, -1, ny, nx, C)
-                    if _fast_copy(xp, dx):                    # the same scatter, pixel by pixel
-                        _items(dx, C)[:, blk, y0::s, x0::s] = _items(dx_ph, C)
-                    else:
-                        dx[:, blk, y0::s, x0::s] = dx_ph
+                    dx[:, blk, y0::s, x0::s] = (dcol @ w_mat).reshape(G, -1, ny, nx, C)
                 if need_dw:
                     part = x_ph[:, blk].reshape(G, -1, C).swapaxes(1, 2) @ dcol   # (G, C, nA*nB*F)
                     dw_ph = part if dw_ph is None else dw_ph + part

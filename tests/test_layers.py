@@ -89,30 +89,35 @@ def test_conv_backward(case):
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
 @pytest.mark.parametrize('case', CONV_CASES)
 def test_conv_item_copies_equal_plain_copies(case, dtype, monkeypatch):
-    # On the CPU, im2col and the scatter of dx move pixels / kernel rows as opaque items
-    # (L._fast_copy); the plain strided copies must give the same numbers, bit for bit.
+    # On the CPU, im2col with short runs moves kernel rows as opaque items (L._items).
+    # Forced on for every im2col (forward, dw, the input gradient's patch matrices), then
+    # off: the same numbers, bit for bit.
     N, H, W, C, kh, kw, F, s, pad = case
     r = _rng(3)
     x, w, b = (r.normal(size=(2, N, H, W, C)).astype(dtype), r.normal(size=(2, kh, kw, C, F)).astype(dtype),
                r.normal(size=(2, F)).astype(dtype))
     taken = []
-    real = L._fast_copy
-    monkeypatch.setattr(L, '_fast_copy', lambda xp, a: taken.append(real(xp, a)) or taken[-1])
+    monkeypatch.setattr(L, '_fast_copy', lambda xp, a, run: taken.append(a.strides[-1] == a.itemsize) or taken[-1])
     out, cache = L.conv_forward(x, w, b, s, pad)
     dout = r.normal(size=out.shape).astype(dtype)
     grads = L.conv_backward(dout, cache)
-    assert taken and all(taken)                      # the item path really ran
-    monkeypatch.setattr(L, '_fast_copy', lambda xp, a: False)
+    assert taken and all(taken)                      # the item path really ran, for every im2col
+    monkeypatch.setattr(L, '_fast_copy', lambda xp, a, run: False)
     out2, cache2 = L.conv_forward(x, w, b, s, pad)
     assert np.array_equal(out, out2)
     for a, e in zip(grads, L.conv_backward(dout, cache2)):
         assert a.dtype == e.dtype == dtype and np.array_equal(a, e)
 
 
+def test_item_copies_only_for_short_runs_of_contiguous_values():
+    a = np.zeros((1, 2, 6, 6, 16), np.float32)
+    assert L._fast_copy(np, a, 15)                                  # conv1's im2col
+    assert not L._fast_copy(np, a, 32) and not L._fast_copy(np, a, 80)   # the others
+    assert not L._fast_copy(np, a[..., ::2], 8)                     # no contiguous last axis
+
+
 def test_im2col_of_a_view_with_strided_channels_takes_the_plain_copy():
-    # _items needs a contiguous last axis; a view without one is copied the plain way
     a = _rng(4).normal(size=(1, 2, 6, 6, 6))[..., ::2]          # channels 2 values apart
-    assert not L._fast_copy(np, a)
     cols = L._im2col(np, a, 3, 3, 2, 2, 2)
     assert np.array_equal(cols[0, 0], a[0, 0, :3, :3].reshape(-1))
     assert np.array_equal(cols[0, -1], a[0, 1, 2:5, 2:5].reshape(-1))
