@@ -8,7 +8,9 @@ Phase 2: for each held-out task, on its training images, starting from the same 
     z_only        generator FROZEN (bit for bit), only a fresh z is learned (z_dim parameters)
     whole_network the classifier alone, its 37,165 weights trained from scratch
     finetune      the whole generator + a fresh z, starting from phase 1
-    controls      no training on the task: z = 0, and z = the mean of the learned z vectors
+    controls      no training on the task: z = 0; z = the mean of the learned z vectors;
+                  another task's learned z (mean over the training tasks); the fresh z
+                  as initialised (--new-z)
 Everything is evaluated on the held-out task's TEST images (CIFAR-100 test split).
 
 Results in --out: summary.json, results.md (tables), phase1_curve.csv,

@@ -436,7 +436,7 @@ def add_common_args(p, default_out):
                    help='continue the run in --out where it stopped. Its options must be the same (checked), except '
                         'those that change no result: --threads, --device (these two: float rounding only), '
                         '--ckpt-every, --quiet')
-    g.add_argument('--quick', action='store_true', help='a first look in about a minute on a 2-core CPU (small synthetic data, few steps)')
+    g.add_argument('--quick', action='store_true', help='a first look in under half a minute on a 2-core CPU (small synthetic data, few steps)')
     g.add_argument('--quiet', action='store_true')
 
 
