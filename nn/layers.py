@@ -102,7 +102,7 @@ def _pad_hw(pad):
 # is built and consumed while it is still in cache, and no (N*Ho*Wo, K) matrix is
 # allocated in one piece (39 MB for conv1 at batch 512: fresh allocations that large
 # are page-faulted in on every step). Each block is freed after use; the first layer's
-# dw builds its blocks again (cheaper than keeping 39 MB: README, Performance). One
+# dw builds its blocks again (cheaper than keeping 39 MB: results/performance-history.md). One
 # block on a GPU.
 _BLOCK_BYTES = 2 << 20
 
@@ -148,10 +148,10 @@ def _fast_copy(xp, a, run):
 
     numpy copies a strided array one innermost run at a time, at a fixed cost per run.
     For the first layer's im2col, whose runs are kw*C = 15 values, moving the same bytes
-    as opaque items, one per kernel row of kw pixels, is measured 1.15-1.3x faster
-    (README, Performance); for runs of 32 values and more (the other layers' patch
-    matrices) it is not, nor for the scatter of dx (runs of C = 16), so those stay
-    plain. On a GPU: always plain."""
+    as opaque items, one per kernel row of kw pixels, made conv1's forward + dw 1.15x
+    faster (results/performance-history.md, session 7); for runs of 32 values and more
+    (the other layers' patch matrices) it did not help, nor for the scatter of dx (runs
+    of C = 16), so those stay plain. On a GPU: always plain."""
     return xp is np and run < 32 and a.strides[-1] == a.itemsize
 
 
