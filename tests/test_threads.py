@@ -225,6 +225,16 @@ def test_lowrank_rejects_bad_shapes_and_materializes():
         optim.rmsprop(np.ones((4, 4)), g)
 
 
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_rank_one_rows_are_the_matrix_products_bit_for_bit(dtype):
+    # rank 1 is built by a broadcast multiply, not a matrix product: the same numbers
+    r = np.random.default_rng(5)
+    U, V = r.normal(size=(7, 1)).astype(dtype), r.normal(size=(1, 1000)).astype(dtype)
+    out = np.full((3, 1000), np.nan, dtype)
+    LowRank(U, V).rows(slice(2, 5), out=out)
+    assert np.array_equal(out, np.dot(U, V)[2:5]) and np.array_equal(LowRank(U, V).materialize(), U @ V)
+
+
 def test_training_step_with_lowrank_equals_formed_gradient_and_runs_on_the_device():
     """loss_and_grads(lowrank=True) + the optimizer = the formed-gradient step, on the CPU
     and on the strict device stand-in (where the product is formed whole)."""
