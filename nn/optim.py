@@ -43,7 +43,8 @@ class LowRank:
 
     def rows(self, r, out=None):
         """Rows r of U @ V. Rank 1 (one task in the step): the outer product as a broadcast
-        multiply, the same products, measured 4x faster than a K=1 matrix product; else
+        multiply, the same products, measured 4x faster than a K=1 matrix product
+        (results/performance-history.md, session 7); else
         xp.dot (numpy's matmul is 8x slower than dot for small ranks)."""
         xp = get_xp(self.U, self.V)
         if self.U.shape[1] == 1:
