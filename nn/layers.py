@@ -143,16 +143,17 @@ def _items(a, n):
 
 
 def _fast_copy(xp, a, run):
-    """Whether a strided copy of a, whose contiguous runs are `run` values long (a's last
-    axis contiguous), should go through _items.
+    """Whether a strided copy of a (..., W, C), whose contiguous runs are `run` values
+    long, should go through _items (which needs C and W packed: C values, then pixels).
 
     numpy copies a strided array one innermost run at a time, at a fixed cost per run.
     For the first layer's im2col, whose runs are kw*C = 15 values, moving the same bytes
     as opaque items, one per kernel row of kw pixels, made conv1's forward + dw 1.15x
     faster (results/performance-history.md, session 7); for runs of 32 values and more
-    (the other layers' patch matrices) it did not help, nor for the scatter of dx (runs
-    of C = 16), so those stay plain. On a GPU: always plain."""
-    return xp is np and run < 32 and a.strides[-1] == a.itemsize
+    (the other layers' patch matrices) it did not help, so those stay plain. On a GPU:
+    always plain."""
+    return (xp is np and run < 32 and a.strides[-1] == a.itemsize
+            and a.strides[-2] == a.shape[-1] * a.itemsize)
 
 
 def _im2col(xp, a, kh, kw, Ho, Wo, stride):

@@ -43,13 +43,16 @@ class LowRank:
 
     def rows(self, r, out=None):
         """Rows r of U @ V. Rank 1 (one task in the step): the outer product as a broadcast
-        multiply, the same products, measured 4x faster than a K=1 matrix product
-        (results/performance-history.md, session 7); else
-        xp.dot (numpy's matmul is 8x slower than dot for small ranks)."""
+        multiply, plus 0.0 so that a zero product is +0.0 as in the matrix product (which
+        sums onto zero), not -0.0: the same bits as xp.dot, measured 2.5x faster than it
+        (results/performance-history.md, session 7). Higher ranks: xp.dot (numpy's
+        matmul is 8x slower than dot for small ranks)."""
         xp = get_xp(self.U, self.V)
-        if self.U.shape[1] == 1:
-            return xp.multiply(self.U[r], self.V, out=out)        # (rows, 1) * (1, cols)
-        return xp.dot(self.U[r], self.V, out=out)
+        if self.U.shape[1] != 1:
+            return xp.dot(self.U[r], self.V, out=out)
+        out = xp.multiply(self.U[r], self.V, out=out)          # (rows, 1) * (1, cols)
+        xp.add(out, 0.0, out=out)                               # -0.0 -> +0.0, else unchanged
+        return out
 
     def materialize(self):
         return self.rows(slice(None))

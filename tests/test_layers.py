@@ -97,7 +97,8 @@ def test_conv_item_copies_equal_plain_copies(case, dtype, monkeypatch):
     x, w, b = (r.normal(size=(2, N, H, W, C)).astype(dtype), r.normal(size=(2, kh, kw, C, F)).astype(dtype),
                r.normal(size=(2, F)).astype(dtype))
     taken = []
-    monkeypatch.setattr(L, '_fast_copy', lambda xp, a, run: taken.append(a.strides[-1] == a.itemsize) or taken[-1])
+    packed = lambda a: a.strides[-1] == a.itemsize and a.strides[-2] == a.shape[-1] * a.itemsize
+    monkeypatch.setattr(L, '_fast_copy', lambda xp, a, run: taken.append(packed(a)) or taken[-1])
     out, cache = L.conv_forward(x, w, b, s, pad)
     dout = r.normal(size=out.shape).astype(dtype)
     grads = L.conv_backward(dout, cache)
@@ -114,10 +115,14 @@ def test_item_copies_only_for_short_runs_of_contiguous_values():
     assert L._fast_copy(np, a, 15)                                  # conv1's im2col
     assert not L._fast_copy(np, a, 32) and not L._fast_copy(np, a, 80)   # the others
     assert not L._fast_copy(np, a[..., ::2], 8)                     # no contiguous last axis
+    assert not L._fast_copy(np, a[..., :3], 15)                     # pixels not packed
+    assert not L._fast_copy(np, a[:, :, :, ::2], 15)                # every second column
 
 
-def test_im2col_of_a_view_with_strided_channels_takes_the_plain_copy():
-    a = _rng(4).normal(size=(1, 2, 6, 6, 6))[..., ::2]          # channels 2 values apart
+@pytest.mark.parametrize('view', [np.s_[..., ::2], np.s_[..., :3], np.s_[:, :, :, ::2]])
+def test_im2col_of_views_that_cannot_take_items_takes_the_plain_copy(view):
+    # channels 2 values apart, pixels not packed, every second column
+    a = _rng(4).normal(size=(1, 2, 7, 12, 6))[view]
     cols = L._im2col(np, a, 3, 3, 2, 2, 2)
     assert np.array_equal(cols[0, 0], a[0, 0, :3, :3].reshape(-1))
     assert np.array_equal(cols[0, -1], a[0, 1, 2:5, 2:5].reshape(-1))

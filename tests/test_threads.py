@@ -226,13 +226,31 @@ def test_lowrank_rejects_bad_shapes_and_materializes():
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
-def test_rank_one_rows_are_the_matrix_products_bit_for_bit(dtype):
-    # rank 1 is built by a broadcast multiply, not a matrix product: the same numbers
+def test_rank_one_rows_are_the_matrix_products_bit_for_bit(dtype, monkeypatch):
+    # rank 1 is built by a broadcast multiply, not a matrix product: the same bits, signed
+    # zeros included (a zero times a negative number is -0.0; np.dot gives +0.0)
     r = np.random.default_rng(5)
     U, V = r.normal(size=(7, 1)).astype(dtype), r.normal(size=(1, 1000)).astype(dtype)
+    U[1], V[0, ::7] = 0.0, 0.0
+    U[2] = -np.abs(U[2])
+    dots = []
+    real_dot = np.dot
+    monkeypatch.setattr(np, 'dot', lambda *a, **k: dots.append(1) or real_dot(*a, **k))
     out = np.full((3, 1000), np.nan, dtype)
-    LowRank(U, V).rows(slice(2, 5), out=out)
-    assert np.array_equal(out, np.dot(U, V)[2:5]) and np.array_equal(LowRank(U, V).materialize(), U @ V)
+    LowRank(U, V).rows(slice(0, 3), out=out)
+    full = LowRank(U, V).materialize()
+    assert not dots                                         # the multiply path ran, not dot
+    bits = lambda a: a.view(np.uint64 if dtype == np.float64 else np.uint32)
+    expected = real_dot(U, V)
+    assert (expected == 0).sum() > 1000 and not np.signbit(expected[expected == 0]).any()
+    assert np.array_equal(bits(out), bits(expected[:3])) and np.array_equal(bits(full), bits(expected))
+
+
+def test_rank_one_rows_on_the_device():
+    U, V = np.arange(3.0).reshape(3, 1) - 1, np.arange(4.0).reshape(1, 4) - 2
+    g = LowRank(to_device(U, strict), to_device(V, strict))
+    assert np.array_equal(to_host(g.rows(slice(0, 2))), (U @ V)[:2])
+    assert np.array_equal(to_host(g.materialize()), U @ V)
 
 
 def test_training_step_with_lowrank_equals_formed_gradient_and_runs_on_the_device():
