@@ -44,7 +44,7 @@ class LowRank:
     def rows(self, r, out=None):
         """Rows r of U @ V. Rank 1 (one task in the step): the outer product as a broadcast
         multiply, plus 0.0 so that a zero product is +0.0 as in the matrix product (which
-        sums onto zero), not -0.0: the same bits as xp.dot, measured 2.5x faster than it
+        sums onto zero), not -0.0: the same bits as xp.dot, measured 2.3x faster than it
         (results/performance-history.md, session 7). Higher ranks: xp.dot (numpy's
         matmul is 8x slower than dot for small ranks)."""
         xp = get_xp(self.U, self.V)
