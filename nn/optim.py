@@ -23,8 +23,8 @@ import numpy as np
 from .backend import get_num_threads, get_xp, parallel_map, split_range
 
 _CHUNK = 1 << 18      # 256K floats = 1 MB per array. Fewer chunks, fewer numpy calls: the
-                      # step at batch 20 0.93-0.95x the time of 128K chunks, none slower by
-                      # more than 1% (results/chunk-256k-vs-128k.txt; 128K was best of 32K..256K
+                      # step at batch 20 0.93-0.96x the time of 128K chunks, none more than
+                      # 1% slower (results/chunk-256k-vs-128k.txt; 128K was best of 32K..256K
                       # on the sessions 1-3 host)
 
 
