@@ -590,8 +590,9 @@ def parse_args(argv=None):
     """The options, checked before any work starts (ap.error: a one-line message, exit 2)."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    if threads_error(args.threads):
-        ap.error(threads_error(args.threads))
+    bad_threads = threads_error(args.threads)
+    if bad_threads:
+        ap.error(bad_threads)
     if args.mixed[0] > N_TASKS:
         ap.error(f"--mixed {args.mixed[0]} {args.mixed[1]}: there are only {N_TASKS} tasks")
     names = [step_name(1, b) for b in args.batches] + [step_name(*args.mixed)]

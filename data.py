@@ -1167,11 +1167,16 @@ def _cmd_check(a) -> None:
     print(f"train mean {np.round(mean, 2).tolist()} std {np.round(std, 2).tolist()} (0..255 scale)")
 
 
+def _task_list(task_set: str) -> list:
+    """The tasks of --task-set: exp1_tasks() or exp2_tasks()."""
+    return exp1_tasks() if task_set == "exp1" else exp2_tasks()
+
+
 def _check_montage(a, error) -> None:
     """The montage options, checked before any data is loaded or generated (error: ap.error)."""
     from PIL import Image
 
-    n_tasks = len(exp1_tasks() if a.task_set == "exp1" else exp2_tasks())
+    n_tasks = len(_task_list(a.task_set))
     if not 0 <= a.task < n_tasks:
         error(f"--task {a.task} is out of range for {a.task_set} (0..{n_tasks - 1})")
     if a.data == "synthetic":
@@ -1195,7 +1200,7 @@ def _check_montage(a, error) -> None:
 def _cmd_montage(a) -> None:
     ds = load_dataset(a.data, a.data_dir, seed=a.seed, n_train_per_class=a.train_per_class,
                       n_test_per_class=a.test_per_class)
-    task = (exp1_tasks() if a.task_set == "exp1" else exp2_tasks())[a.task]
+    task = _task_list(a.task_set)[a.task]
     try:
         path = save_task_montage(a.out, ds, task, a.n_per_class, a.split)
     except OSError as e:

@@ -723,7 +723,8 @@ def validate_args(args, n_train, n_holdout):
                     ('ckpt_every', '10 checkpoints per stage')):
         need(getattr(args, k) >= 0, f"{opt(k)} must be >= 0 (0: {zero}), got {getattr(args, k)}")
     need(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
-    need(threads_error(args.threads) is None, threads_error(args.threads))
+    bad_threads = threads_error(args.threads)
+    need(bad_threads is None, bad_threads)
     for k in ('lr', 'z_lr', 'baseline_lr', 'finetune_lr'):
         v = getattr(args, k)
         need(v is None or 0 < v < math.inf, f"{opt(k)} must be a positive number, got {v}")
