@@ -16,6 +16,7 @@ import bench
 import supernet as S
 from nn import layers as L
 from nn.gradcheck import check_gradient, rel_error
+from tests.cli import usage_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,12 +117,7 @@ def test_part_timer_counts_nested_calls_once_and_restores_on_error():
 
 def _usage_error(capsys, argv, parse=bench.parse_args):
     """The one-line argparse error that argv gets (exit status 2, no traceback)."""
-    with pytest.raises(SystemExit) as e:
-        parse(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err
-    return err.strip().splitlines()[-1]
+    return usage_error(capsys, parse, argv)
 
 
 def test_threads_flag_is_checked(capsys):

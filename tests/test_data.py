@@ -16,6 +16,7 @@ import pytest
 
 import data
 from conftest import TINY_TEST_PER_CLASS, TINY_TRAIN_PER_CLASS
+from tests.cli import usage_error
 
 N_TR = 100 * TINY_TRAIN_PER_CLASS
 N_TE = 100 * TINY_TEST_PER_CLASS
@@ -562,16 +563,6 @@ def test_cli_synthetic_and_montage(tmp_path, capsys):
         assert im.size == data.montage_size(1)
 
 
-def _cli_usage_error(capsys, argv):
-    """The one-line argparse error that data.main(argv) gets (exit status 2, no traceback)."""
-    with pytest.raises(SystemExit) as e:
-        data.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 MONTAGE = ["montage", "--train-per-class", "2", "--test-per-class", "1"]
 
 
@@ -598,7 +589,7 @@ def test_cli_montage_options_are_checked_before_loading(tmp_path, capsys, args, 
     (tmp_path / "file").write_text("kept")
     data_dir = tmp_path / "data"
     argv = MONTAGE + ["--data-dir", str(data_dir), "--out", str(tmp_path / "t.png")]
-    err = _cli_usage_error(capsys, argv + [a.format(tmp=tmp_path) for a in args])
+    err = usage_error(capsys, data.main, argv + [a.format(tmp=tmp_path) for a in args])
     assert err == "python data.py montage: error: " + message.format(tmp=tmp_path)
     assert not data_dir.exists()                      # nothing loaded, generated or downloaded
     assert (tmp_path / "file").read_text() == "kept"
@@ -610,7 +601,7 @@ def test_cli_montage_options_are_checked_before_loading(tmp_path, capsys, args, 
     (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
 ])
 def test_cli_synthetic_options_are_checked(tmp_path, capsys, args, message):
-    err = _cli_usage_error(capsys, ["synthetic", "--out", str(tmp_path / "s")] + args)
+    err = usage_error(capsys, data.main, ["synthetic", "--out", str(tmp_path / "s")] + args)
     assert err == "python data.py synthetic: error: " + message
     assert not (tmp_path / "s").exists()
 
