@@ -14,7 +14,8 @@ One run measures and prints:
     timed by wrapping the functions the real step calls (no copy of the step), on one
     thread, so each part's time is its CPU work;
   * the step's peak memory: numpy allocations (tracemalloc) or, on a GPU, what the CuPy
-    memory pool holds after one step from empty; the process's peak RSS;
+    memory pool holds after one step from empty; the peak RSS of the process and its
+    classifier worker processes;
   * --vs-torch: PyTorch's conv layers alone on one thread, beside our breakdown;
   * --vs-torch: the same step in PyTorch, timed side by side (interleaved in short runs,
     the first call of each run discarded, so that neither library's thread pool spinning
@@ -52,10 +53,12 @@ import numpy as np  # noqa: E402
 import supernet as S  # noqa: E402
 from data import int_at_least  # noqa: E402
 from nn import layers as L  # noqa: E402
-from nn.backend import (get_device_module, get_num_threads, parallel_map, set_num_threads,  # noqa: E402
-                        split_range, synchronize, threads_error, to_device, to_host)
+from nn.backend import (get_device_module, get_num_threads, get_shard_workers, parallel_map,  # noqa: E402
+                        set_num_threads, set_shard_workers, split_range, synchronize, threads_error,
+                        to_device, to_host)
 from nn.gradcheck import rel_error  # noqa: E402
 from nn.optim import Optimizer  # noqa: E402
+from train import peak_rss_mb  # noqa: E402
 
 
 N_TASKS = 98            # Config(n_tasks=98), the original SuperNet: at most this many tasks in a step
@@ -194,10 +197,14 @@ class Bench:
         a step that keeps allocating fresh memory pays for it in faults."""
         traced = device_pool = None
         if self.xp is np:
-            tracemalloc.start()
-            self.step()
-            traced = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
+            kind = set_shard_workers('threads')     # every shard's allocations in this process
+            try:
+                tracemalloc.start()
+                self.step()
+                traced = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+            finally:
+                set_shard_workers(kind)
         elif hasattr(self.xp, 'get_default_memory_pool'):
             pool = self.xp.get_default_memory_pool()
             synchronize(self.xp)
@@ -209,9 +216,8 @@ class Bench:
         self.step()
         synchronize(self.xp)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
         mb = lambda b: None if b is None else b / 2 ** 20
-        return {'step_peak_mb': mb(traced), 'device_pool_mb': mb(device_pool), 'rss_peak_mb': rss / 2 ** 20,
+        return {'step_peak_mb': mb(traced), 'device_pool_mb': mb(device_pool), 'rss_peak_mb': peak_rss_mb(),
                 'page_faults_per_step': faults}
 
 
@@ -462,7 +468,8 @@ def run(args, xp):
     warmup, repeats = (1, 3) if quick else (3, 15)
     sync = lambda: synchronize(xp)
     threads = get_num_threads() if xp is np else 1
-    res = {'machine': {'device': args.device, 'threads': threads, 'numpy': np.__version__,
+    res = {'machine': {'device': args.device, 'threads': threads, 'shard_workers': get_shard_workers(),
+                       'numpy': np.__version__,
                        'python': platform.python_version(), 'cpus': os.cpu_count(), 'cpu': cpu_name(), 'gpu': gpu_name(xp)},
            'config': {'n_tasks': cfg.n_tasks, 'classifier_params': S.count_params(cfg)['classifier'],
                       'generator_params': S.count_params(cfg)['generator'], 'warmup': warmup,
@@ -522,7 +529,9 @@ def run(args, xp):
 def print_table(res, out=None):
     m = res['machine']
     p = lambda *a: print(*a, file=out or sys.stdout)
-    p(f"machine: {m['device']} ({m.get('gpu') or m.get('cpu', '?')}), {m['threads']} threads (BLAS on 1), numpy {m['numpy']}; float32 matmul peak "
+    shards = f"classifier shards in worker {m.get('shard_workers', 'threads')}, " if m['threads'] > 1 else ''
+    p(f"machine: {m['device']} ({m.get('gpu') or m.get('cpu', '?')}), {m['threads']} threads ({shards}BLAS on 1), "
+      f"numpy {m['numpy']}; float32 matmul peak "
       f"{m['matmul_gflops']:.0f} GFLOP/s (conv-shaped {'x'.join(map(str, m['conv_matmul_shape'][:2]))} @ "
       f"{'x'.join(map(str, m['conv_matmul_shape'][1:]))}: {m['conv_matmul_gflops']:.0f}), "
       f"copy {m['copy_gbps']:.1f} GB/s"
@@ -560,7 +569,8 @@ def print_table(res, out=None):
         for part in tb[names[0]]:
             p(f"{'torch ' + part:>32} " + ' '.join(f"{tb[n].get(part, float('nan')):>8.2f}" for n in names))
     p("peak memory of a step (numpy allocations in the step, tracemalloc; on a GPU the CuPy pool after one step "
-      "from empty: parameters, state, batch and the step's peak; process peak RSS; page faults):")
+      "from empty: parameters, state, batch and the step's peak; peak RSS, worker processes included; "
+      "page faults of this process):")
     for n, v in res['memory'].items():
         numpy_mb = 'n/a' if v['step_peak_mb'] is None else f"{v['step_peak_mb']:.1f} MB"
         dev = '' if v.get('device_pool_mb') is None else f", device pool {v['device_pool_mb']:.1f} MB"

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nn import layers as L
-from nn.backend import get_num_threads, get_xp, parallel_map, split_range, to_device, to_host
+from nn.backend import get_num_threads, get_xp, map_shards, parallel_map, split_range, to_device, to_host
 from nn.loss import sigmoid_cross_entropy
 from nn.optim import LowRank
 
@@ -478,24 +478,28 @@ def classifier_loss_and_grads(x, y, weights, cfg):
     xp = get_xp(x, *weights.values())
     shards = _shards(x.shape[0], x.shape[1], xp)
 
-    def run(x_s, y_s, w_s, frac):
-        logits, cache = _classifier_forward(x_s, w_s, cfg)
-        loss, dlogits = sigmoid_cross_entropy(logits, y_s)
-        if frac != 1.0:
-            loss, dlogits = loss * frac, dlogits * frac
-        return loss, _classifier_backward(dlogits, cache), logits
-
     if shards is None:
-        return run(x, y, weights, 1.0)
+        return _shard_loss_and_grads(x, y, weights, 1.0, cfg)
     axis, slices = shards
     n = x.shape[_SHARD_AXIS[axis]]
-    parts = parallel_map(lambda s: run(*_cut(axis, s, x, y), _cut_weights(axis, s, weights),
-                                       (s.stop - s.start) / n), slices)
+    parts = map_shards(_shard_loss_and_grads, [(*_cut(axis, s, x, y), _cut_weights(axis, s, weights),
+                                                (s.stop - s.start) / n, cfg) for s in slices])
     loss = parts[0][0]
     for p in parts[1:]:
         loss = loss + p[0]
     logits = xp.concatenate([p[2] for p in parts], axis=_SHARD_AXIS[axis])
     return loss, _merge_shard_grads([p[1] for p in parts], axis, xp), logits
+
+
+def _shard_loss_and_grads(x, y, weights, frac, cfg):
+    """classifier_loss_and_grads on one thread, for a shard holding the fraction `frac` of
+    the batch: (frac * loss, grads of frac * loss, logits). Module level: a worker
+    process runs it by name (nn.backend.map_shards)."""
+    logits, cache = _classifier_forward(x, weights, cfg)
+    loss, dlogits = sigmoid_cross_entropy(logits, y)
+    if frac != 1.0:
+        loss, dlogits = loss * frac, dlogits * frac
+    return loss, _classifier_backward(dlogits, cache), logits
 
 
 def _classifier_backward(dlogits, cache, need_dx=False):

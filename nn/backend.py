@@ -27,6 +27,7 @@ everything runs on the calling thread and BLAS is left as it was.
 """
 import ctypes
 import os
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -124,6 +125,9 @@ def synchronize(xp):
 
 _POOL = None            # ThreadPoolExecutor with n - 1 workers (the caller is the n-th)
 _NTHREADS = 1
+_SHARD_WORKERS = os.environ.get('SUPERNET_WORKERS', 'processes')
+if _SHARD_WORKERS not in ('processes', 'threads'):
+    raise ImportError(f"SUPERNET_WORKERS must be 'processes' or 'threads', got {_SHARD_WORKERS!r}")
 _POOL_LOCK = threading.Lock()
 
 
@@ -202,6 +206,8 @@ def set_num_threads(n=None):
                 _POOL.shutdown(wait=True)
             _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix='supernet') if n > 1 else None
             _NTHREADS = n
+            if 'nn.workers' in sys.modules:           # fewer CPUs: fewer worker processes
+                sys.modules['nn.workers'].stop_workers()
     if not set_blas_threads(1) and n > 1:
         warnings.warn("supernet: no OpenBLAS found to set to one thread; set your BLAS's own thread "
                       "count to 1 (e.g. MKL_NUM_THREADS=1) so that it and supernet's threads do not "
@@ -227,6 +233,35 @@ def parallel_map(fn, items):
     finally:
         wait(futures)                     # every item has finished before anything goes up
     return [first] + [f.result() for f in futures]
+
+
+def set_shard_workers(kind):
+    """How map_shards runs its calls with several CPUs: 'processes' (worker processes,
+    the default; nn/workers.py says why) or 'threads' (the thread pool, as parallel_map).
+    The environment variable SUPERNET_WORKERS sets the default. Returns the old kind."""
+    global _SHARD_WORKERS
+    if kind not in ('processes', 'threads'):
+        raise ValueError(f"shard workers must be 'processes' or 'threads', got {kind!r}")
+    old, _SHARD_WORKERS = _SHARD_WORKERS, kind
+    return old
+
+
+def get_shard_workers():
+    """What map_shards uses with several CPUs: 'processes' or 'threads' (also where worker
+    processes are asked for but unavailable: not POSIX)."""
+    return 'processes' if _SHARD_WORKERS == 'processes' and os.name == 'posix' else 'threads'
+
+
+def map_shards(fn, calls):
+    """[fn(*args) for args in calls] for the classifier's shards (one per CPU): side by side
+    in worker processes (the calling process takes the first; fn must be a module-level
+    function and the arguments picklable) or on the thread pool (set_shard_workers).
+    Serial with one thread. Same numbers either way."""
+    calls = list(calls)
+    if _NTHREADS > 1 and len(calls) > 1 and get_shard_workers() == 'processes':
+        from .workers import map_processes
+        return map_processes(fn, calls)
+    return parallel_map(lambda args: fn(*args), calls)
 
 
 def split_range(n, parts):

@@ -41,7 +41,8 @@ def test_quick_run_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for text in ('GFLOP/s', 'ms/step', 'B=4', 'B=40', '2x3', 'images/s ratio', 'per-part breakdown',
-                 'conv2 backward', 'optimizer (rmsprop)', 'peak memory', '2 threads (BLAS on 1)'):
+                 'conv2 backward', 'optimizer (rmsprop)', 'peak memory',
+                 '2 threads (classifier shards in worker '):
         assert text in out, text
     res = json.loads(path.read_text())
     assert res['machine']['threads'] == 2
