@@ -22,7 +22,8 @@ Shapes and backward formulas (g = upstream gradient dL/dout):
             SAME: Ho = ceil(H/s), TF's split of the padding (extra on the bottom/right)
             VALID: Ho = (H-kh)//s + 1
             How (for speed, same numbers): im2col is one copy of a strided view of the
-            padded input, done in cache-sized blocks of images (one block on a GPU);
+            padded input, done in cache-sized blocks of images, each padded on its own
+            (one block on a GPU);
             dx (and dw when F <= C) comes per stride phase from an im2col of g, which
             is col2im without the (M, K) matrix or its scatter-add. See conv_backward.
   leaky_relu out = max(x, a*x)  (0<=a<1)     dx = g * (1 if x > 0 else a)
@@ -170,11 +171,13 @@ def _im2col(xp, a, kh, kw, Ho, Wo, stride):
     return np.ascontiguousarray(rows).view(a.dtype).reshape(G, n * Ho * Wo, kh * kw * C)
 
 
-def _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
-    """Yield (image slice, its im2col block (G, n*Ho*Wo, kh*kw*C)) over cache-sized blocks."""
-    G, N, C = xpad.shape[0], xpad.shape[1], xpad.shape[-1]
-    for blk in _image_blocks(xp, N, G * Ho * Wo * kh * kw * C * xpad.dtype.itemsize):
-        yield blk, _im2col(xp, xpad[:, blk], kh, kw, Ho, Wo, stride)
+def _patch_blocks(xp, x, pads, kh, kw, Ho, Wo, stride):
+    """Yield (image slice, its im2col block (G, n*Ho*Wo, kh*kw*C)) over cache-sized blocks
+    of x (G, N, H, W, C), each block padded by pads = (top, bottom, left, right) on its own,
+    so that the padded copy is made in cache and no padded copy of the batch is kept."""
+    G, N, C = x.shape[0], x.shape[1], x.shape[-1]
+    for blk in _image_blocks(xp, N, G * Ho * Wo * kh * kw * C * x.dtype.itemsize):
+        yield blk, _im2col(xp, _pad(xp, x[:, blk], *pads), kh, kw, Ho, Wo, stride)
 
 
 def conv_forward(x, w, b, stride=1, pad='SAME'):
@@ -185,7 +188,7 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
     b:   (F,)                  or grouped (G, F)
     stride: int; pad: 'SAME' | 'VALID' | int | ((top, bottom), (left, right))
     out: (N, Ho, Wo, F)        or grouped (G, N, Ho, Wo, F)
-    cache: what conv_backward needs (the padded input, the weights, the geometry)
+    cache: what conv_backward needs (the input, not padded, the weights, the geometry)
     """
     xp = get_xp(x, w, b)
     grouped = w.ndim == 5
@@ -207,17 +210,16 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
     Ho, pt, pb = conv_output_size(H, kh, stride, pad_h)
     Wo, pl, pr = conv_output_size(W, kw, stride, pad_w)
 
-    xpad = _pad(xp, xg, pt, pb, pl, pr)
     K = kh * kw * C
     w2 = wg.reshape(G, K, F)
     b_row = xp.tile(bg, (1, Wo))[:, None, :]            # (G, 1, Wo*F): the bias along an output row
     out = xp.empty((G, N, Ho, Wo, F), dtype=x.dtype)
-    for blk, col in _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
+    for blk, col in _patch_blocks(xp, xg, (pt, pb, pl, pr), kh, kw, Ho, Wo, stride):
         o = out[:, blk].reshape(G, -1, F)                # a view (each group's block is contiguous)
         xp.matmul(col, w2, out=o)
         o_rows = o.reshape(G, -1, Wo * F)                # the same memory, one output row per line:
         o_rows += b_row                                  # the add runs over Wo*F values, not F
-    cache = (xpad, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pl), stride, grouped)
+    cache = (xg, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pb, pl, pr), stride, grouped)
     return (out if grouped else out[0]), cache
 
 
@@ -238,7 +240,7 @@ def _phases(size, pad_before, k, s):
     return out
 
 
-def _conv_grads_by_phase(xp, d, xpad, wg, H, W, pads, stride, need_dx, need_dw):
+def _conv_grads_by_phase(xp, d, x, wg, pt, pl, stride, need_dx, need_dw):
     """dx and/or dw, split by stride phase, from one im2col of d.
 
     Input pixel y (padded y + pt) meets only kernel rows i = p + s*a, p = (y + pt) % s, at
@@ -249,12 +251,12 @@ def _conv_grads_by_phase(xp, d, xpad, wg, H, W, pads, stride, need_dx, need_dw):
         dx[pixels of (p, q)] = dcol @ w[p::s, q::s]          (flipped, as (nA*nB*F, C))
         dw[p::s, q::s]       = x[pixels of (p, q)].T @ dcol   (flipped back)
     No (M, kh*kw*C) dcol, no scatter-add (col2im), and no second im2col of x for dw.
-    d (G, N, Ho, Wo, F), xpad (G, N, Hp, Wp, C), wg (G, kh, kw, C, F)
-    -> dx (G, N, H, W, C) or None, dw (G, kh, kw, C, F) or None.
+    d (G, N, Ho, Wo, F), x (G, N, H, W, C), wg (G, kh, kw, C, F), pt/pl: x's padding
+    above/left -> dx (G, N, H, W, C) or None, dw (G, kh, kw, C, F) or None.
     """
     G, N, Ho, Wo, F = d.shape
     _, kh, kw, C, _ = wg.shape
-    pt, pl = pads
+    H, W = x.shape[2:4]
     s = stride
     rows, cols = _phases(H, pt, kh, s), _phases(W, pl, kw, s)
     # zero-pad d so that every window (phase rows Y0+t-nA+1 .. Y0+t) lies inside it
@@ -278,7 +280,7 @@ def _conv_grads_by_phase(xp, d, xpad, wg, H, W, pads, stride, need_dx, need_dw):
                 p=p, q=q, y0=y0, x0=x0, ny=ny, nx=nx, nA=nA, nB=nB,
                 w_mat=w_ph.swapaxes(-1, -2).reshape(G, nA * nB * F, C),
                 win=dz[:, :, top + Y0 - nA + 1:, left + X0 - nB + 1:],   # window of the first pixel
-                x_ph=xpad[:, :, pt + y0::s, pl + x0::s][:, :, :ny, :nx],  # this phase's input pixels
+                x_ph=x[:, :, y0::s, x0::s],                                 # this phase's input pixels
                 dw=None))
     # Blocks of images outside, phases inside: a block's d, x and dx are read or written
     # while they are in cache for all the phases, not streamed from memory once per phase
@@ -312,9 +314,9 @@ def conv_backward(dout, cache, need_dx=True):
     need_dx=False skips the input gradient (returns dx=None): the first layer's input is
     the image, which needs none.
     """
-    xpad, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped = cache
-    xp = get_xp(dout, xpad)
-    G, N, C = xpad.shape[0], xpad.shape[1], xpad.shape[-1]
+    x, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped = cache
+    xp = get_xp(dout, x)
+    G, N, C = x.shape[0], x.shape[1], x.shape[-1]
     F = w2.shape[2]
     d = dout.reshape(G, N, Ho, Wo, F)
     ones = xp.ones((G, 1, N * Ho * Wo), dtype=d.dtype)
@@ -322,10 +324,10 @@ def conv_backward(dout, cache, need_dx=True):
     dw_from_d = _dw_from_d(C, F)
     dx = dw = None
     if need_dx or dw_from_d:
-        dx, dw = _conv_grads_by_phase(xp, d, xpad, w2.reshape(G, kh, kw, C, F), H, W, pads, stride,
+        dx, dw = _conv_grads_by_phase(xp, d, x, w2.reshape(G, kh, kw, C, F), pads[0], pads[2], stride,
                                       need_dx, dw_from_d)
     if not dw_from_d:
-        for blk, col in _patch_blocks(xp, xpad, kh, kw, Ho, Wo, stride):
+        for blk, col in _patch_blocks(xp, x, pads, kh, kw, Ho, Wo, stride):
             part = d[:, blk].reshape(G, -1, F).swapaxes(1, 2) @ col    # (G, F, K): dw transposed,
             dw = part if dw is None else dw + part       # faster than col.T @ d; summed over the blocks
         dw = dw.swapaxes(1, 2).reshape(G, kh, kw, C, F)
@@ -398,3 +400,4 @@ def flatten_forward(x, keep=1):
 def flatten_backward(dout, cache):
     """dx = dout reshaped to the input's shape."""
     return dout.reshape(cache)
+
