@@ -205,6 +205,7 @@ class Bench:
                 tracemalloc.stop()
             finally:
                 set_shard_workers(kind)
+            self.step()                             # settle the heap again before counting faults
         elif hasattr(self.xp, 'get_default_memory_pool'):
             pool = self.xp.get_default_memory_pool()
             synchronize(self.xp)
