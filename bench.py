@@ -469,7 +469,7 @@ def run(args, xp):
     warmup, repeats = (1, 3) if quick else (3, 15)
     sync = lambda: synchronize(xp)
     threads = get_num_threads() if xp is np else 1
-    res = {'machine': {'device': args.device, 'threads': threads, 'shard_workers': get_shard_workers(),
+    res = {'machine': {'device': args.device, 'threads': threads, 'shard_workers': get_shard_workers() if threads > 1 else None,
                        'numpy': np.__version__,
                        'python': platform.python_version(), 'cpus': os.cpu_count(), 'cpu': cpu_name(), 'gpu': gpu_name(xp)},
            'config': {'n_tasks': cfg.n_tasks, 'classifier_params': S.count_params(cfg)['classifier'],

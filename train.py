@@ -322,7 +322,8 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
 
 def peak_rss_mb():
     """Peak resident memory so far, in MB: this process's plus its classifier worker
-    processes' (nn/workers.py; a bound, as their peaks need not coincide)."""
+    processes' (nn/workers.py; approximate: their peaks need not coincide, and shared
+    memory counts in both)."""
     import resource
     from nn import workers
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + workers.peak_rss_mb()

@@ -125,7 +125,7 @@ def synchronize(xp):
 
 _POOL = None            # ThreadPoolExecutor with n - 1 workers (the caller is the n-th)
 _NTHREADS = 1
-_SHARD_WORKERS = os.environ.get('SUPERNET_WORKERS', 'processes')
+_SHARD_WORKERS = os.environ.get('SUPERNET_WORKERS') or 'processes'
 if _SHARD_WORKERS not in ('processes', 'threads'):
     raise ImportError(f"SUPERNET_WORKERS must be 'processes' or 'threads', got {_SHARD_WORKERS!r}")
 _POOL_LOCK = threading.Lock()

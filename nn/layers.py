@@ -188,7 +188,8 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
     b:   (F,)                  or grouped (G, F)
     stride: int; pad: 'SAME' | 'VALID' | int | ((top, bottom), (left, right))
     out: (N, Ho, Wo, F)        or grouped (G, N, Ho, Wo, F)
-    cache: what conv_backward needs (the input, not padded, the weights, the geometry)
+    cache: what conv_backward needs (the input itself, not a copy: change x in place before
+           conv_backward and the gradients change; the weights, the geometry)
     """
     xp = get_xp(x, w, b)
     grouped = w.ndim == 5

@@ -77,8 +77,10 @@ def test_failures_are_clear_and_the_next_call_works(kind):
     with pytest.raises(RuntimeError, match='stopped unexpectedly'):
         workers.map_processes(H.die_if, [(0,), (1,)])
     assert workers.map_processes(H.echo, [(1,), (2,)]) == [(1,), (2,)]
-    with pytest.raises(Exception):                                  # a lambda cannot be sent by name
-        workers.map_processes(lambda a: a, [(1,), (2,)])
+    with pytest.raises(ValueError, match='cannot be sent to a worker by name'):
+        workers.map_processes(lambda a: a, [(1,), (2,)])            # a lambda: refused before anything starts
+    with pytest.raises(RuntimeError, match='read-only'):            # arguments are read-only views
+        workers.map_processes(H.add_one_in_place, [(np.zeros(8192),), (np.zeros(8192),)])
     assert workers.map_processes(H.echo, [(1,), (2,)]) == [(1,), (2,)]
     with pytest.raises(ValueError, match='here'):                   # an error in the caller's own share
         workers.map_processes(H.fail, [('here',), ('there',)])
@@ -141,3 +143,53 @@ def test_a_wrong_supernet_workers_value_is_a_clear_error():
     assert out.returncode != 0 and "SUPERNET_WORKERS must be 'processes' or 'threads', got 'forks'" in out.stderr
     with pytest.raises(ValueError, match="'processes' or 'threads'"):
         backend.set_shard_workers('forks')
+
+
+def test_ctrl_c_in_the_caller_while_a_worker_computes(kind):
+    backend.set_num_threads(2)
+    workers.map_processes(H.echo, [(1,), (2,)])
+    segment = workers._WORKERS[0].shm.name
+    with pytest.raises(KeyboardInterrupt):
+        workers.map_processes(H.interrupt_if_0, [(0,), (1,)])
+    assert workers.worker_pids() == []                              # killed, not left computing
+    if os.path.isdir('/dev/shm'):
+        assert not os.path.exists(f'/dev/shm/{segment}')
+    assert workers.map_processes(H.echo, [(1,), (2,)]) == [(1,), (2,)]
+
+
+def test_a_reply_to_an_earlier_call_is_never_taken_for_a_later_one(kind):
+    backend.set_num_threads(2)
+    workers.map_processes(H.echo, [(0,), (0,)])
+    w = workers._WORKERS[0]
+    w.send(H.echo, ('old',))                                        # its reply is never read
+    w.send(H.echo, ('new',))
+    assert w.receive() == ('new',)
+    workers.stop_workers()
+
+
+def test_a_segment_removed_behind_our_back_stops_cleanly(kind):
+    if not os.path.isdir('/dev/shm'):
+        pytest.skip('no /dev/shm here')
+    backend.set_num_threads(2)
+    workers.map_processes(H.echo, [(0,), (0,)])
+    os.unlink(f'/dev/shm/{workers._WORKERS[0].shm.name}')          # as systemd does at logout (RemoveIPC)
+    workers.stop_workers()
+    assert workers.worker_pids() == []
+    assert workers.map_processes(H.echo, [(1,), (2,)]) == [(1,), (2,)]
+
+
+def test_workers_import_the_callers_code_not_their_working_directorys(tmp_path):
+    """A supernet.py in the working directory is not the one the caller imported: the
+    worker takes the caller's sys.path, not python -c's working directory first."""
+    (tmp_path / 'supernet.py').write_text("raise ImportError('the decoy was imported')\n")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from nn import backend, workers\n"
+            "from tests import workers_helpers as H\n"
+            "backend.set_num_threads(2)\n"
+            "print(*workers.map_processes(H.module_file, [(), ()]))\n")
+    env = dict(os.environ, PYTHONPATH='')
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    here, there = out.stdout.split()
+    assert here == there == str(ROOT / 'supernet.py')

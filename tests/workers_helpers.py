@@ -38,9 +38,24 @@ def pid():
     return os.getpid()
 
 
-def nap(seconds):
-    time.sleep(seconds)
-    return seconds
+def interrupt_if_0(i):
+    """Ctrl-C in the caller's share (i == 0) while the worker's share sleeps."""
+    if i == 0:
+        time.sleep(0.1)
+        raise KeyboardInterrupt
+    time.sleep(0.5)
+    return i
+
+
+def add_one_in_place(a):
+    a += 1
+    return a
+
+
+def module_file():
+    """Where the worker found supernet."""
+    import supernet
+    return supernet.__file__
 
 
 def zeros(n):
