@@ -11,4 +11,3 @@ from .layers import (dense_forward, dense_backward, conv_forward, conv_backward,
 from .loss import sigmoid_cross_entropy  # noqa: F401
 from .optim import Optimizer, sgd, sgd_momentum, rmsprop, adam  # noqa: F401
 from .gradcheck import rel_error, numerical_gradient, check_gradient  # noqa: F401
-from . import workers  # noqa: F401  (imported now: it notes the start-up directory for its workers)

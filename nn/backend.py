@@ -27,12 +27,13 @@ everything runs on the calling thread and BLAS is left as it was.
 """
 import ctypes
 import os
-import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
+
+from . import workers     # imported with the backend: it notes the start-up directory for its workers
 
 _REGISTRY = []          # [(array_type, module)], searched in order by get_xp
 _CUPY_CHECKED = False
@@ -125,8 +126,9 @@ def synchronize(xp):
 
 _POOL = None            # ThreadPoolExecutor with n - 1 workers (the caller is the n-th)
 _NTHREADS = 1
+_SHARD_KINDS = ('processes', 'threads')
 _SHARD_WORKERS = os.environ.get('SUPERNET_WORKERS') or 'processes'
-if _SHARD_WORKERS not in ('processes', 'threads'):
+if _SHARD_WORKERS not in _SHARD_KINDS:
     raise ImportError(f"SUPERNET_WORKERS must be 'processes' or 'threads', got {_SHARD_WORKERS!r}")
 _POOL_LOCK = threading.Lock()
 
@@ -206,8 +208,7 @@ def set_num_threads(n=None):
                 _POOL.shutdown(wait=True)
             _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix='supernet') if n > 1 else None
             _NTHREADS = n
-            if 'nn.workers' in sys.modules:           # fewer CPUs: fewer worker processes
-                sys.modules['nn.workers'].stop_workers()
+            workers.stop_workers()                     # fewer CPUs: fewer worker processes
     if not set_blas_threads(1) and n > 1:
         warnings.warn("supernet: no OpenBLAS found to set to one thread; set your BLAS's own thread "
                       "count to 1 (e.g. MKL_NUM_THREADS=1) so that it and supernet's threads do not "
@@ -240,7 +241,7 @@ def set_shard_workers(kind):
     the default; nn/workers.py says why) or 'threads' (the thread pool, as parallel_map).
     The environment variable SUPERNET_WORKERS sets the default. Returns the old kind."""
     global _SHARD_WORKERS
-    if kind not in ('processes', 'threads'):
+    if kind not in _SHARD_KINDS:
         raise ValueError(f"shard workers must be 'processes' or 'threads', got {kind!r}")
     old, _SHARD_WORKERS = _SHARD_WORKERS, kind
     return old
@@ -259,8 +260,7 @@ def map_shards(fn, calls):
     Serial with one thread. Same numbers either way."""
     calls = list(calls)
     if _NTHREADS > 1 and len(calls) > 1 and get_shard_workers() == 'processes':
-        from .workers import map_processes
-        return map_processes(fn, calls)
+        return workers.map_processes(fn, calls)
     return parallel_map(lambda args: fn(*args), calls)
 
 

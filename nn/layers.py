@@ -220,7 +220,7 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
         xp.matmul(col, w2, out=o)
         o_rows = o.reshape(G, -1, Wo * F)                # the same memory, one output row per line:
         o_rows += b_row                                  # the add runs over Wo*F values, not F
-    cache = (xg, w2, (kh, kw), (H, W), (Ho, Wo), (pt, pb, pl, pr), stride, grouped)
+    cache = (xg, w2, (kh, kw), (Ho, Wo), (pt, pb, pl, pr), stride, grouped)
     return (out if grouped else out[0]), cache
 
 
@@ -286,8 +286,9 @@ def _conv_grads_by_phase(xp, d, x, wg, pt, pl, stride, need_dx, need_dw):
     # Blocks of images outside, phases inside: a block's d, x and dx are read or written
     # while they are in cache for all the phases, not streamed from memory once per phase
     # (the phases' dcol blocks together about 2 * _BLOCK_BYTES; smaller blocks were no
-    # faster in the whole step). conv2's backward at batch 512 on one thread: 27 -> 22-24
-    # ms; the step 0.91-0.98x the time (results/grads-blocks-outer.txt).
+    # faster in the whole step). With the blocks padded on their own (_patch_blocks),
+    # conv2's backward at batch 512 on one thread took 0.86x session 7's time (28.2 -> 24.0
+    # ms); the step 0.91-0.98x (results/grads-blocks-outer.txt).
     dcol_bytes = sum(ph.ny * ph.nx * ph.nA * ph.nB for ph in phases) * G * F * d.dtype.itemsize
     for blk in _image_blocks(xp, N, max(1, dcol_bytes // 2)):
         for ph in phases:
@@ -315,7 +316,7 @@ def conv_backward(dout, cache, need_dx=True):
     need_dx=False skips the input gradient (returns dx=None): the first layer's input is
     the image, which needs none.
     """
-    x, w2, (kh, kw), (H, W), (Ho, Wo), pads, stride, grouped = cache
+    x, w2, (kh, kw), (Ho, Wo), pads, stride, grouped = cache
     xp = get_xp(dout, x)
     G, N, C = x.shape[0], x.shape[1], x.shape[-1]
     F = w2.shape[2]
@@ -401,4 +402,3 @@ def flatten_forward(x, keep=1):
 def flatten_backward(dout, cache):
     """dx = dout reshaped to the input's shape."""
     return dout.reshape(cache)
-

@@ -46,7 +46,7 @@ _WORKERS = []           # [_Worker], started on demand
 _LOCK = threading.Lock()
 _BUSY = threading.local()           # .active: this thread is inside map_processes
 _CWD = os.getcwd()                  # relative sys.path entries are resolved against this
-                                    # (nn imports this module, so: the directory at start-up)
+                                    # (nn.backend imports this module: the directory at start-up)
 
 # glibc's malloc in a fresh worker gave the freed memory of each classifier pass back
 # to the system and page-faulted it in again on the next (4,600 faults, 18 MB, per
