@@ -190,6 +190,37 @@ def test_lowrank_gradient_equals_the_formed_one(threads, rule, hyper, rank):
                 assert rel_error(c_dense[k], c_low[k]) < 1e-13
 
 
+@pytest.mark.parametrize('momentum', [0.0, 0.5])
+def test_rmsprop_rank_one_never_builds_the_gradient(threads, monkeypatch, momentum):
+    """rmsprop's rank-1 path works from u and v (g*g = u^2 v^2, g/s = v/s * u): no row of
+    U @ V is built, in float32 it agrees with the formed gradient to rounding, and the
+    thread count changes no bit."""
+    r = np.random.default_rng(11)
+    w0 = r.normal(size=(101, 7001)).astype(np.float32)
+    steps = [(r.normal(size=(101, 1)).astype(np.float32), r.normal(size=(1, 7001)).astype(np.float32))
+             for _ in range(3)]
+    steps[0][0][4] = 0.0                                      # a zero row and a zero column
+    steps[0][1][0, 9] = 0.0
+    built = []
+    real_rows = LowRank.rows
+    monkeypatch.setattr(LowRank, 'rows', lambda self, *a, **k: built.append(1) or real_rows(self, *a, **k))
+    res = []
+    for n in (1, 2):
+        threads(n)
+        w_dense, w_low = w0.copy(), w0.copy()
+        c_dense = {'momentum': momentum, 'learning_rate': 1e-2}
+        c_low = dict(c_dense)
+        for U, V in steps:
+            optim.rmsprop(w_dense, U @ V, c_dense)
+            optim.rmsprop(w_low, LowRank(U, V), c_low)
+        assert not built
+        assert rel_error(w_dense - w0, w_low - w0) < 1e-5                  # the updates themselves (1.7e-6)
+        assert rel_error(c_dense['cache'], c_low['cache']) < 1e-6
+        assert not np.array_equal(w_low, w0) and np.isfinite(w_low).all()
+        res.append(w_low)
+    assert np.array_equal(res[0], res[1])
+
+
 def test_lowrank_edge_cases(threads):
     """One row wider than a chunk, a float64 product for float32 weights (formed, then
     cast like any gradient), zero columns; a non-contiguous gradient works, a
