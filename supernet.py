@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from nn import layers as L
-from nn.backend import get_num_threads, get_xp, map_shards, parallel_map, split_range, to_device, to_host
+from nn.backend import (get_num_threads, get_shard_workers, get_xp, map_shards, parallel_map, split_range,
+                        to_device, to_host)
 from nn.loss import sigmoid_cross_entropy
 from nn.optim import LowRank
 
@@ -371,18 +372,22 @@ def _shards(G, m, xp):
     of every group, the one-task case), or None (one thread, a device array, or a batch
     too small to be worth it)."""
     n = get_num_threads() if xp is np else 1
-    if n < 2 or G * m < 2 * _MIN_SHARD:
+    min_shard = _MIN_SHARD[get_shard_workers()]
+    if n < 2 or G * m < 2 * min_shard:
         return None
     if G % n == 0:
         return 'G', split_range(G, n)
     if m >= 2 * n:
-        return 'm', split_range(m, min(n, m // _MIN_SHARD) if G == 1 else n)
+        return 'm', split_range(m, min(n, m // min_shard) if G == 1 else n)
     if G >= n:
         return 'G', split_range(G, n)
     return None
 
 
-_MIN_SHARD = 16     # images: below this a shard's Python overhead outweighs the second core
+# Images: below this a shard's overhead outweighs the second core. Threads: 16 (GIL
+# hand-overs); worker processes: 8 (batch 20 as two shards of 10: the step 0.95-0.97x the
+# time of one shard; shards of 4-6 images were 1.04-1.12x slower; results/min-shard.txt).
+_MIN_SHARD = {'processes': 8, 'threads': 16}
 
 
 def classifier_forward(x, weights, cfg):

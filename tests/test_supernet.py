@@ -116,7 +116,7 @@ def test_classifier_input_gradient(monkeypatch, cfg_kw, G, m, n_threads):
     for 2 of the 150 coordinates: errors ~1e-2); seed 10 crosses none, and a correct
     backward then lands near 1e-10 (1e-9 for the original)."""
     from nn.backend import set_num_threads
-    monkeypatch.setattr(S, '_MIN_SHARD', 1)
+    monkeypatch.setattr(S, '_MIN_SHARD', {'processes': 1, 'threads': 1})
     set_num_threads(n_threads)                        # put back by conftest
     cfg = S.Config(**cfg_kw)
     r = np.random.default_rng(10)

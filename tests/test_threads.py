@@ -2,6 +2,7 @@
 result: the sharded classifier and the optimizers' chunks give the serial numbers (to float rounding in sums; bit for bit where nothing is summed).
 Also the rank-G generator gradient (nn.optim.LowRank), which the optimizers build chunk
 by chunk, against the formed gradient."""
+import os
 import numpy as np
 import pytest
 
@@ -72,8 +73,31 @@ def test_parallel_map_waits_for_every_item_before_an_error_goes_up(threads):
 CFG = S.Config(n_tasks=6)
 
 
+@pytest.mark.skipif(os.name != 'posix', reason='worker processes are POSIX only')
+def test_processes_cut_smaller_batches_than_threads(threads):
+    threads(2)
+    old = backend.set_shard_workers('processes')
+    try:
+        assert S._shards(1, 20, np) == ('m', [slice(0, 10), slice(10, 20)])   # shards of 8+ images
+        assert S._shards(1, 15, np) is None
+        assert S._shards(2, 8, np) == ('G', [slice(0, 1), slice(1, 2)])
+        backend.set_shard_workers('threads')
+        assert S._shards(1, 20, np) is None                      # threads: 16+ images
+        assert S._shards(2, 8, np) is None
+    finally:
+        backend.set_shard_workers(old)
+
+
 def test_how_the_batch_is_cut(threads):
     threads(2)
+    old = backend.set_shard_workers('threads')
+    try:
+        _check_cuts(threads)
+    finally:
+        backend.set_shard_workers(old)
+
+
+def _check_cuts(threads):
     assert S._shards(1, 20, np) is None                          # too few images: one thread
     assert S._shards(1, 128, np) == ('m', [slice(0, 64), slice(64, 128)])
     assert S._shards(8, 64, np) == ('G', [slice(0, 4), slice(4, 8)])      # whole groups when they divide
@@ -88,7 +112,7 @@ def test_how_the_batch_is_cut(threads):
 
 @pytest.mark.parametrize('G,m', [(1, 40), (3, 12), (4, 1), (1, 3)])   # image shards, group shards, serial
 def test_sharded_step_equals_serial(threads, monkeypatch, G, m):
-    monkeypatch.setattr(S, '_MIN_SHARD', 1)                      # shard even these small batches
+    monkeypatch.setattr(S, '_MIN_SHARD', {'processes': 1, 'threads': 1})                      # shard even these small batches
     r = np.random.default_rng(G * 100 + m)
     p = S.init_params(CFG, dtype=np.float64)
     p['z'] = r.normal(size=p['z'].shape)
@@ -112,7 +136,7 @@ def test_classifier_loss_and_grads_equals_its_three_parts(threads, monkeypatch, 
     """The one-hand-off sharded step (each shard: forward, its share of the mean loss,
     backward) against forward + loss + backward, on one and on three threads."""
     from nn.loss import sigmoid_cross_entropy
-    monkeypatch.setattr(S, '_MIN_SHARD', 1)
+    monkeypatch.setattr(S, '_MIN_SHARD', {'processes': 1, 'threads': 1})
     r = np.random.default_rng(G + m)
     p = S.init_params(CFG, dtype=np.float64)
     theta, _ = S.generator_forward(r.normal(size=(G, CFG.z_dim)), p, CFG)
@@ -135,7 +159,7 @@ def test_classifier_loss_and_grads_equals_its_three_parts(threads, monkeypatch, 
 def test_sharded_classifier_input_gradient(threads, monkeypatch):
     """classifier_backward(need_dx=True) joins the shards' image gradients in order
     (against one thread; tests/test_supernet.py checks the gradient itself)."""
-    monkeypatch.setattr(S, '_MIN_SHARD', 1)
+    monkeypatch.setattr(S, '_MIN_SHARD', {'processes': 1, 'threads': 1})
     r = np.random.default_rng(5)
     p = S.init_params(CFG, dtype=np.float64)
     theta, _ = S.generator_forward(p['z'][:2], p, CFG)

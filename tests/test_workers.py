@@ -32,7 +32,7 @@ def kind():
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
 @pytest.mark.parametrize('G,m,n', [(1, 40, 2), (4, 1, 2), (2, 7, 3), (3, 12, 3)])
 def test_processes_give_the_threads_bits(kind, monkeypatch, dtype, G, m, n):
-    monkeypatch.setattr(S, '_MIN_SHARD', 1)
+    monkeypatch.setattr(S, '_MIN_SHARD', {'processes': 1, 'threads': 1})
     r = np.random.default_rng(G * 10 + m)
     p = S.init_params(CFG, dtype=dtype)
     p['z'] = r.normal(size=p['z'].shape).astype(dtype)
