@@ -301,8 +301,10 @@ def _out_layer_forward(h, W, b):
 def _out_layer_backward(dpre, h, W, need_dW, lowrank=False):
     """The generator's big dense layer backward: dh = dpre @ W.T and dW = h.T @ dpre
     (None unless need_dW; with lowrank, the unformed product LowRank(h.T, dpre)).
-    dh over the threads for many task vectors: the sum over column blocks c of
-    dpre[:, c] @ W[:, c].T."""
+    dh is computed as (W @ dpre.T).T: the same product, which OpenBLAS runs 1.7-2x faster
+    for G >= 2 task vectors (2.05 -> 1.22 ms at G = 8; equal at G = 1; results/gen-dh.txt).
+    Over the threads for many task vectors: the sum over column blocks c of
+    W[:, c] @ dpre[:, c].T."""
     xp = get_xp(dpre, h, W)
     dW = None
     if need_dW:
@@ -310,12 +312,12 @@ def _out_layer_backward(dpre, h, W, need_dW, lowrank=False):
         dW = LowRank(h.T, dpre) if lowrank else xp.dot(h.T, dpre)
     blocks = _gen_column_blocks(dpre.shape[0], W, xp)
     if blocks is None:
-        return dpre @ W.T, dW
-    parts = parallel_map(lambda c: dpre[:, c] @ W[:, c].T, blocks)
-    dh = parts[0]
+        return xp.ascontiguousarray((W @ dpre.T).T), dW
+    parts = parallel_map(lambda c: W[:, c] @ dpre[:, c].T, blocks)
+    dhT = parts[0]
     for p in parts[1:]:
-        dh += p
-    return dh, dW
+        dhT += p
+    return xp.ascontiguousarray(dhT.T), dW
 
 
 def generator_backward(dtheta, cache, need_param_grads=True, lowrank=False):
