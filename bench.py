@@ -94,7 +94,8 @@ def median_ms(fns, sync, warmup, repeats, run=1):
 def machine_peaks(xp, quick):
     """float32 matmul GFLOP/s (best of a few n x n products, one per thread at once); the
     same for the products our convolutions make (conv2's: a block of its patch matrix,
-    rows x 400, times the 400 x 16 weight; the rows of one cache-sized block on the CPU,
+    rows x 400, times the 400 x 16 weight, through nn.layers._mm as the layers run it
+    (cut into row blocks for OpenBLAS's small-matrix kernels); the rows of one cache-sized block on the CPU,
     of batch 512 in one block on a device), the ceiling of im2col + matmul convolutions
     before any copying; and copy GB/s (bytes copied per second of a 64 MB array, split
     over the threads, as memcpy benchmarks count)."""
@@ -110,7 +111,7 @@ def machine_peaks(xp, quick):
     rows, reps = images * patches, 20 if xp is np else 5
     blocks = [(xp.asarray(rng.random((rows, K), dtype=np.float32)),
                xp.asarray(rng.random((K, F), dtype=np.float32))) for _ in range(k)]
-    conv_mm = lambda ab: [ab[0] @ ab[1] for _ in range(reps)]
+    conv_mm = lambda ab: [L._mm(xp, ab[0][None], ab[1][None]) for _ in range(reps)]   # as the layers do
     best_conv = fastest(lambda: parallel_map(conv_mm, blocks))
     src = xp.ones(16 << 20, dtype=xp.float32)
     dst = xp.empty_like(src)

@@ -106,8 +106,9 @@ def _pad_hw(pad):
 # allocated in one piece (39 MB for conv1 at batch 512: fresh allocations that large
 # are page-faulted in on every step). Each block is freed after use; the first layer's
 # dw builds its blocks again (cheaper than keeping 39 MB: results/performance-history.md). One
-# block on a GPU.
-_BLOCK_BYTES = 2 << 20
+# block on a GPU. 1 MB since session 9 (2 MB before): with the products cut for OpenBLAS's
+# small-matrix kernels (_mm) the step took 0.98x the time (results/small-gemm.txt).
+_BLOCK_BYTES = 1 << 20
 
 
 def _image_blocks(xp, n, bytes_per_image):
@@ -217,11 +218,67 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
     out = xp.empty((G, N, Ho, Wo, F), dtype=x.dtype)
     for blk, col in _patch_blocks(xp, xg, (pt, pb, pl, pr), kh, kw, Ho, Wo, stride):
         o = out[:, blk].reshape(G, -1, F)                # a view (each group's block is contiguous)
-        xp.matmul(col, w2, out=o)
+        _mm(xp, col, w2, out=o)
         o_rows = o.reshape(G, -1, Wo * F)                # the same memory, one output row per line:
         o_rows += b_row                                  # the add runs over Wo*F values, not F
     cache = (xg, w2, (kh, kw), (Ho, Wo), (pt, pb, pl, pr), stride, grouped)
     return (out if grouped else out[0]), cache
+
+
+# OpenBLAS (numpy's BLAS on x86-64 wheels) runs a product with M*N*K <= 1e6 through its
+# small-matrix kernels, which skip packing the operands into buffers. Our products are
+# narrow (N = 16 channels) and long (M = pixels), where packing costs as much as the
+# multiply-adds: cut into row blocks under that size, one call per block (a batched
+# matmul over a free reshape), they ran 1.3-1.6x faster (results/small-gemm.txt).
+# 0 turns the cutting off (products whole, as other BLAS libraries may prefer).
+_SMALL_GEMM_MNK = 1_000_000
+
+
+def _block_rows(xp, m, k, n):
+    """Rows per block for an (m, k) @ (k, n) product cut by rows (or by the summed axis m
+    of an (n, m) @ (m, k) one); None: leave it whole (a device, cutting off, or too small
+    to matter)."""
+    if xp is not np or not _SMALL_GEMM_MNK:
+        return None
+    r = _SMALL_GEMM_MNK // max(k * n, 1)
+    if not 8 <= r < m:
+        return None
+    for blocks in range(-(-m // r), 2 * -(-m // r) + 1):   # equal blocks if a near count divides m
+        if m % blocks == 0:
+            return m // blocks
+    return r
+
+
+def _mm(xp, a, b, out=None):
+    """a (G, M, K) @ b (G, K, N) -> (G, M, N), in blocks of rows (_SMALL_GEMM_MNK).
+    a must be C-contiguous in its last two axes (a patch matrix is)."""
+    G, M, K = a.shape
+    N = b.shape[-1]
+    r = _block_rows(xp, M, K, N)
+    if out is None:
+        out = xp.empty((G, M, N), dtype=xp.result_type(a.dtype, b.dtype))
+    if r is None:
+        return xp.matmul(a, b, out=out)
+    q = M // r * r
+    xp.matmul(a[:, :q].reshape(G, -1, r, K), b[:, None], out=out[:, :q].reshape(G, -1, r, N))
+    if q < M:
+        xp.matmul(a[:, q:], b, out=out[:, q:])
+    return out
+
+
+def _mm_tn(xp, a, b):
+    """a (G, M, N), b (G, M, K) -> a^T @ b (G, N, K), the sum over M cut into blocks of
+    rows (_SMALL_GEMM_MNK), their products summed. a, b C-contiguous in their last two axes."""
+    G, M, N = a.shape
+    K = b.shape[-1]
+    r = _block_rows(xp, M, K, N)
+    if r is None:
+        return a.swapaxes(1, 2) @ b
+    q = M // r * r
+    out = (a[:, :q].reshape(G, -1, r, N).swapaxes(2, 3) @ b[:, :q].reshape(G, -1, r, K)).sum(axis=1)
+    if q < M:
+        out += a[:, q:].swapaxes(1, 2) @ b[:, q:]
+    return out
 
 
 def _dw_from_d(C, F):
@@ -294,9 +351,9 @@ def _conv_grads_by_phase(xp, d, x, wg, pt, pl, stride, need_dx, need_dw):
         for ph in phases:
             dcol = _im2col(xp, ph.win[:, blk], ph.nA, ph.nB, ph.ny, ph.nx, 1)   # (G, n*ny*nx, nA*nB*F)
             if need_dx:
-                dx[:, blk, ph.y0::s, ph.x0::s] = (dcol @ ph.w_mat).reshape(G, -1, ph.ny, ph.nx, C)
+                dx[:, blk, ph.y0::s, ph.x0::s] = _mm(xp, dcol, ph.w_mat).reshape(G, -1, ph.ny, ph.nx, C)
             if need_dw:
-                part = ph.x_ph[:, blk].reshape(G, -1, C).swapaxes(1, 2) @ dcol   # (G, C, nA*nB*F)
+                part = _mm_tn(xp, ph.x_ph[:, blk].reshape(G, -1, C), dcol)      # (G, C, nA*nB*F)
                 ph.dw = part if ph.dw is None else ph.dw + part
     dw = None
     if need_dw:
@@ -330,7 +387,7 @@ def conv_backward(dout, cache, need_dx=True):
                                       need_dx, dw_from_d)
     if not dw_from_d:
         for blk, col in _patch_blocks(xp, x, pads, kh, kw, Ho, Wo, stride):
-            part = d[:, blk].reshape(G, -1, F).swapaxes(1, 2) @ col    # (G, F, K): dw transposed,
+            part = _mm_tn(xp, d[:, blk].reshape(G, -1, F), col)       # (G, F, K): dw transposed,
             dw = part if dw is None else dw + part       # faster than col.T @ d; summed over the blocks
         dw = dw.swapaxes(1, 2).reshape(G, kh, kw, C, F)
     if not grouped:

@@ -47,8 +47,8 @@ def test_quick_run_from_the_command_line(tmp_path):
     res = json.loads(path.read_text())
     assert res['machine']['threads'] == 2
     assert res['machine']['matmul_gflops'] > 0 and res['machine']['copy_gbps'] > 0
-    assert res['machine']['conv_matmul_gflops'] > 0 and res['machine']['conv_matmul_shape'] == [1280, 400, 16]
-    assert 'conv-shaped 1280x400 @ 400x16' in out
+    assert res['machine']['conv_matmul_gflops'] > 0 and res['machine']['conv_matmul_shape'] == [640, 400, 16]
+    assert 'conv-shaped 640x400 @ 400x16' in out
     assert res['machine']['gpu'] is None and res['machine']['cpu']      # the machine is named
     assert f"machine: cpu ({res['machine']['cpu']})" in out
     assert [s['name'] for s in res['steps']] == ['B=4', 'B=40', '2x3']
@@ -280,6 +280,33 @@ def test_blocked_conv_equals_one_block(monkeypatch, case):
             dout = np.random.default_rng(1).normal(size=out.shape)
             results.append((out,) + L.conv_backward(dout, cache))
         for a, e in zip(*results):
+            assert rel_error(a, e) < 1e-13
+
+
+@pytest.mark.parametrize('case', CONV_PATH_CASES)
+def test_products_cut_into_row_blocks_equal_whole_ones(monkeypatch, case):
+    """On the CPU long products are cut into row blocks under _SMALL_GEMM_MNK multiply-adds
+    (nn.layers._mm, _mm_tn). Cut small here, so that the products of these small cases are
+    cut too: the same numbers as whole products to rounding, and the gradients check."""
+    shape_x, shape_w, pad, stride = case
+    r = np.random.default_rng(5)
+    x, w = r.normal(size=shape_x), r.normal(size=shape_w)
+    b = r.normal(size=shape_w[:-4] + shape_w[-1:])
+    cuts = []
+    real = L._block_rows
+    monkeypatch.setattr(L, '_block_rows', lambda *a: cuts.append(real(*a)) or cuts[-1])
+    results = []
+    for mnk in (0, 600, 2000):
+        monkeypatch.setattr(L, '_SMALL_GEMM_MNK', mnk)
+        out, cache = L.conv_forward(x, w, b, stride, pad)
+        dout = np.random.default_rng(1).normal(size=out.shape)
+        results.append((out,) + L.conv_backward(dout, cache))
+        f = lambda: L.conv_forward(x, w, b, stride, pad)[0]
+        for arr, grad in zip((x, w, b), results[-1][1:]):
+            assert check_gradient(f, arr, grad, dout) < 1e-8
+    assert any(c is not None for c in cuts)                  # the cut path ran
+    for cut in results[1:]:
+        for a, e in zip(cut, results[0]):
             assert rel_error(a, e) < 1e-13
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from nn import layers as L
 from nn.gradcheck import check_gradient, numerical_gradient, rel_error
+from tests.strict_xp import strict
 
 TOL = 1e-8      # the acceptance bound per layer; a correct float64 backward lands near 1e-11
 
@@ -126,6 +127,30 @@ def test_im2col_of_views_that_cannot_take_items_takes_the_plain_copy(view):
     cols = L._im2col(np, a, 3, 3, 2, 2, 2)
     assert np.array_equal(cols[0, 0], a[0, 0, :3, :3].reshape(-1))
     assert np.array_equal(cols[0, -1], a[0, 1, 2:5, 2:5].reshape(-1))
+
+
+def test_row_blocks_for_small_products(monkeypatch):
+    """Rows per block: at most _SMALL_GEMM_MNK multiply-adds, equal blocks where a nearby
+    block count divides the rows; products small enough, a device, or 0: not cut."""
+    assert L._block_rows(np, 1280, 400, 16) == 128           # conv2's forward block: 10 x 128
+    assert L._block_rows(np, 6912, 75, 16) == 768            # conv1's: 9 x 768
+    assert L._block_rows(np, 1009, 400, 16) == 156           # a prime: 156-row blocks and the rest
+    assert L._block_rows(np, 150, 400, 16) is None           # already small
+    assert L._block_rows(strict, 1280, 400, 16) is None
+    monkeypatch.setattr(L, '_SMALL_GEMM_MNK', 0)
+    assert L._block_rows(np, 1280, 400, 16) is None
+
+
+@pytest.mark.parametrize('M', [1009, 1000])                   # with and without a remainder
+def test_cut_products_equal_whole_ones(monkeypatch, M):
+    monkeypatch.setattr(L, '_SMALL_GEMM_MNK', 40 * 5 * 50)  # 50-row blocks
+    r = np.random.default_rng(M)
+    a, b, c = r.normal(size=(2, M, 40)), r.normal(size=(2, 40, 5)), r.normal(size=(2, M, 5))
+    assert L._block_rows(np, M, 40, 5) in (50, 100 if M == 1000 else 50)
+    assert rel_error(L._mm(np, a, b), a @ b) < 1e-13
+    out = np.full((2, M, 5), np.nan)
+    assert L._mm(np, a, b, out=out) is out and rel_error(out, a @ b) < 1e-13
+    assert rel_error(L._mm_tn(np, c, a), c.swapaxes(1, 2) @ a) < 1e-13
 
 
 @pytest.mark.parametrize('k,s,pad,C,F', [
