@@ -26,6 +26,7 @@ and a row, so the update makes 8 passes over a chunk instead of 11 (results/rmsp
 import numpy as np
 
 from .backend import get_num_threads, get_xp, parallel_map, split_range
+from .layers import _block_rows
 
 _CHUNK = 1 << 18      # 256K floats = 1 MB per array. Fewer chunks, fewer numpy calls: the
                       # step at batch 20 0.93-0.96x the time of 128K chunks, none more than
@@ -54,13 +55,23 @@ class LowRank:
         """Rows r of U @ V. Rank 1 (one task in the step): the outer product as a broadcast
         multiply, plus 0.0 so that a zero product is +0.0 as in the matrix product (which
         sums onto zero), not -0.0: the same bits as xp.dot, measured 2.3x faster than it
-        (results/performance-history.md, session 7). Higher ranks: xp.dot (numpy's
-        matmul is 8x slower than dot for small ranks)."""
+        (results/performance-history.md, session 7). Higher ranks: matrix products over
+        column blocks small enough for OpenBLAS's small-matrix kernels (nn.layers._mm):
+        a chunk's 7 rows at rank 8 in 50 us, against 165 us whole and 239 us by xp.dot
+        (results/lowrank-blocks.txt)."""
         xp = get_xp(self.U, self.V)
-        if self.U.shape[1] != 1:
-            return xp.dot(self.U[r], self.V, out=out)
-        out = xp.multiply(self.U[r], self.V, out=out)          # (rows, 1) * (1, cols)
-        xp.add(out, 0.0, out=out)                               # -0.0 -> +0.0, else unchanged
+        if self.U.shape[1] == 1:
+            out = xp.multiply(self.U[r], self.V, out=out)      # (rows, 1) * (1, cols)
+            xp.add(out, 0.0, out=out)                           # -0.0 -> +0.0, else unchanged
+            return out
+        U, V = self.U[r], self.V
+        if out is None:
+            out = xp.empty((U.shape[0], V.shape[1]), dtype=self.dtype)
+        step = _block_rows(xp, V.shape[1], U.shape[1], U.shape[0])   # columns per product
+        if step is None:
+            return xp.matmul(U, V, out=out)
+        for c in range(0, V.shape[1], step):
+            xp.matmul(U, V[:, c:c + step], out=out[:, c:c + step])
         return out
 
     def materialize(self):

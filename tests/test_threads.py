@@ -245,6 +245,21 @@ def test_rmsprop_rank_one_never_builds_the_gradient(threads, monkeypatch, moment
     assert np.array_equal(res[0], res[1])
 
 
+@pytest.mark.parametrize('dtype,tol', [(np.float32, 1e-6), (np.float64, 1e-13)])
+def test_lowrank_rows_in_column_blocks_equal_the_product(dtype, tol):
+    """Rank > 1: the rows are built by products over column blocks (OpenBLAS's small-matrix
+    kernels, nn.layers._block_rows); the same numbers as U @ V to rounding."""
+    from nn import layers
+    r = np.random.default_rng(9)
+    U, V = r.normal(size=(101, 8)).astype(dtype), r.normal(size=(8, 37165)).astype(dtype)
+    assert layers._block_rows(np, 37165, 8, 7) is not None       # a 7-row chunk is cut
+    g = LowRank(U, V)
+    out = np.full((7, 37165), np.nan, dtype)
+    assert g.rows(slice(3, 10), out=out) is out
+    assert rel_error(out, U[3:10] @ V) < tol
+    assert rel_error(g.materialize(), U @ V) < tol
+
+
 def test_lowrank_edge_cases(threads):
     """One row wider than a chunk, a float64 product for float32 weights (formed, then
     cast like any gradient), zero columns; a non-contiguous gradient works, a
