@@ -278,9 +278,19 @@ _GEN_THREADS_MIN_G = 4
 
 
 def _gen_column_blocks(G, W, xp):
-    """Column blocks of W for the CPU threads, or None to stay on one thread."""
-    n = get_num_threads() if xp is np else 1
-    return split_range(W.shape[1], n) if n > 1 and G >= _GEN_THREADS_MIN_G else None
+    """How the generator's big products h @ W and W @ dpre.T run on the CPU: a list, one
+    entry per thread, of column blocks of W, each small enough for OpenBLAS's small-matrix
+    kernels (nn.layers._block_rows; the products alone 0.82x / 0.71x the time of whole ones
+    at G = 8, the step 0.96x at G = 2 and 4, unchanged at 8: results/gen-blocks.txt); or
+    None, one whole product (G = 1, a matrix-vector product; a device)."""
+    P = W.shape[1]
+    if xp is not np or G < 2:
+        return None
+    n = get_num_threads() if G >= _GEN_THREADS_MIN_G else 1
+    parts = split_range(P, max(1, n))
+    step = L._block_rows(xp, P // len(parts), W.shape[0], G) or P
+    return [[slice(c, min(c + step, part.stop)) for c in range(part.start, part.stop, step)]
+            for part in parts]
 
 
 def _out_layer_forward(h, W, b):
@@ -291,10 +301,11 @@ def _out_layer_forward(h, W, b):
         return L.dense_forward(h, W, b)
     theta = xp.empty((h.shape[0], W.shape[1]), dtype=h.dtype)
 
-    def block(c):
-        xp.matmul(h, W[:, c], out=theta[:, c])
-        theta[:, c] += b[c]
-    parallel_map(block, blocks)
+    def run(cols):
+        for c in cols:
+            xp.matmul(h, W[:, c], out=theta[:, c])
+            theta[:, c] += b[c]
+    parallel_map(run, blocks)
     return theta, (h, W)
 
 
@@ -302,9 +313,8 @@ def _out_layer_backward(dpre, h, W, need_dW, lowrank=False):
     """The generator's big dense layer backward: dh = dpre @ W.T and dW = h.T @ dpre
     (None unless need_dW; with lowrank, the unformed product LowRank(h.T, dpre)).
     dh is computed as (W @ dpre.T).T: the same product, which OpenBLAS runs 1.7-2x faster
-    for G >= 2 task vectors (2.05 -> 1.22 ms at G = 8; equal at G = 1; results/gen-dh.txt).
-    Over the threads for many task vectors: the sum over column blocks c of
-    W[:, c] @ dpre[:, c].T."""
+    for G >= 2 task vectors (2.05 -> 1.22 ms at G = 8; equal at G = 1; results/gen-dh.txt),
+    as the sum over column blocks c of W[:, c] @ dpre[:, c].T (_gen_column_blocks)."""
     xp = get_xp(dpre, h, W)
     dW = None
     if need_dW:
@@ -313,7 +323,13 @@ def _out_layer_backward(dpre, h, W, need_dW, lowrank=False):
     blocks = _gen_column_blocks(dpre.shape[0], W, xp)
     if blocks is None:
         return xp.ascontiguousarray((W @ dpre.T).T), dW
-    parts = parallel_map(lambda c: W[:, c] @ dpre[:, c].T, blocks)
+
+    def run(cols):
+        acc = W[:, cols[0]] @ dpre[:, cols[0]].T
+        for c in cols[1:]:
+            acc += W[:, c] @ dpre[:, c].T
+        return acc
+    parts = parallel_map(run, blocks)
     dhT = parts[0]
     for p in parts[1:]:
         dhT += p

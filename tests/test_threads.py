@@ -343,21 +343,28 @@ def test_training_step_with_lowrank_equals_formed_gradient_and_runs_on_the_devic
             assert rel_error(res[np, False][k], res[key][k]) < 1e-13, (key, k)
 
 
-def test_generator_column_blocks_equal_one_thread(threads):
-    """From _GEN_THREADS_MIN_G task vectors on, the generator's big layer runs in column
-    blocks over the threads: the same theta, dZ and gradients."""
+def test_generator_column_blocks_equal_one_thread(threads, monkeypatch):
+    """From G = 2 task vectors on, the generator's big layer runs in column blocks small
+    enough for OpenBLAS's small-matrix kernels, from _GEN_THREADS_MIN_G on also over the
+    threads: the same theta, dZ and gradients as one whole product on one thread."""
+    from nn import layers
     r = np.random.default_rng(3)
     cfg = S.Config(n_tasks=10, gen_hidden=(9,))
     p = S.init_params(cfg, dtype=np.float64)
-    for G in (1, S._GEN_THREADS_MIN_G, 8):
+    W = p['gen.out.w']
+    assert S._gen_column_blocks(1, W, np) is None
+    assert len(S._gen_column_blocks(8, W, np)[0]) > 1                 # cut
+    for G in (1, 2, S._GEN_THREADS_MIN_G, 8):
         Z = r.normal(size=(G, cfg.z_dim))
         dtheta = r.normal(size=(G, S.count_params(cfg)['classifier']))
         res = []
-        for n in (1, 3):
+        for n, mnk in ((1, 0), (1, layers._SMALL_GEMM_MNK), (3, layers._SMALL_GEMM_MNK), (3, 20000)):
             threads(n)
+            monkeypatch.setattr(layers, '_SMALL_GEMM_MNK', mnk)
             theta, cache = S.generator_forward(Z, p, cfg)
             dZ, grads = S.generator_backward(dtheta, cache)
             res.append((theta, dZ, grads))
-        assert rel_error(res[0][0], res[1][0]) < 1e-13 and rel_error(res[0][1], res[1][1]) < 1e-13
-        for k in res[0][2]:
-            assert rel_error(res[0][2][k], res[1][2][k]) < 1e-13, (G, k)
+        for other in res[1:]:
+            assert rel_error(res[0][0], other[0]) < 1e-13 and rel_error(res[0][1], other[1]) < 1e-13
+            for k in res[0][2]:
+                assert rel_error(res[0][2][k], other[2][k]) < 1e-13, (G, k)
