@@ -211,7 +211,10 @@ class _Worker:
     def receive(self):
         """The reply to the last call sent (replies to earlier calls are skipped)."""
         end = time.perf_counter() + _SPIN_S
-        while time.perf_counter() < end and not self.conn.poll(0):
+        try:
+            while time.perf_counter() < end and not self.conn.poll(0):
+                pass
+        except (EOFError, OSError):             # the recv below reports it
             pass
         while True:
             try:
