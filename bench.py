@@ -94,9 +94,9 @@ def median_ms(fns, sync, warmup, repeats, run=1):
 def machine_peaks(xp, quick):
     """float32 matmul GFLOP/s (best of a few n x n products, one per thread at once); the
     same for the products our convolutions make (conv2's: a block of its patch matrix,
-    rows x 400, times the 400 x 16 weight, through nn.layers._mm as the layers run it
-    (cut into row blocks for OpenBLAS's small-matrix kernels); the rows of one cache-sized block on the CPU,
-    of batch 512 in one block on a device), the ceiling of im2col + matmul convolutions
+    rows x 400, times the 400 x 16 weight, through nn.layers._mm as the layers run it,
+    cut into row blocks for OpenBLAS's small-matrix kernels; the rows of one cache-sized
+    block on the CPU, of batch 512 in one block on a device), the ceiling of im2col + matmul convolutions
     before any copying; and copy GB/s (bytes copied per second of a 64 MB array, split
     over the threads, as memcpy benchmarks count)."""
     sync = lambda: synchronize(xp)

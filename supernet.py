@@ -280,17 +280,20 @@ _GEN_THREADS_MIN_G = 4
 def _gen_column_blocks(G, W, xp):
     """How the generator's big products h @ W and W @ dpre.T run on the CPU: a list, one
     entry per thread, of column blocks of W, each small enough for OpenBLAS's small-matrix
-    kernels (nn.layers._block_rows; the products alone 0.82x / 0.71x the time of whole ones
-    at G = 8, the step 0.96x at G = 2 and 4, unchanged at 8: results/gen-blocks.txt); or
-    None, one whole product (G = 1, a matrix-vector product; a device)."""
+    kernels (nn.layers.small_product_block; the products alone 0.83x / 0.73x the time of
+    whole ones at G = 8, the step 0.96x at G = 2 and 4, unchanged at 8:
+    results/gen-blocks.txt); or None, one whole product (G = 1, a matrix-vector product;
+    a device; no columns)."""
     P = W.shape[1]
-    if xp is not np or G < 2:
+    if xp is not np or G < 2 or P == 0:
         return None
     n = get_num_threads() if G >= _GEN_THREADS_MIN_G else 1
-    parts = split_range(P, max(1, n))
-    step = L._block_rows(xp, P // len(parts), W.shape[0], G) or P
-    return [[slice(c, min(c + step, part.stop)) for c in range(part.start, part.stop, step)]
-            for part in parts]
+    out = []
+    for part in split_range(P, max(1, n)):
+        width = part.stop - part.start
+        step = L.small_product_block(xp, width, W.shape[0], G) or width
+        out.append([slice(c, min(c + step, part.stop)) for c in range(part.start, part.stop, step)])
+    return out
 
 
 def _out_layer_forward(h, W, b):
@@ -312,8 +315,8 @@ def _out_layer_forward(h, W, b):
 def _out_layer_backward(dpre, h, W, need_dW, lowrank=False):
     """The generator's big dense layer backward: dh = dpre @ W.T and dW = h.T @ dpre
     (None unless need_dW; with lowrank, the unformed product LowRank(h.T, dpre)).
-    dh is computed as (W @ dpre.T).T: the same product, which OpenBLAS runs 1.7-2x faster
-    for G >= 2 task vectors (2.05 -> 1.22 ms at G = 8; equal at G = 1; results/gen-dh.txt),
+    dh is computed as (W @ dpre.T).T: the same product, which OpenBLAS runs 1.5-1.8x faster
+    for G >= 2 task vectors (2.05 -> 1.21 ms at G = 8; equal at G = 1; results/gen-dh.txt),
     as the sum over column blocks c of W[:, c] @ dpre[:, c].T (_gen_column_blocks)."""
     xp = get_xp(dpre, h, W)
     dW = None
@@ -383,14 +386,15 @@ def merge_theta(dweights, cfg, xp, dtype):
 
 # =========================================================================== classifier
 
-def _shards(G, m, xp):
+def _shards(G, m, xp, kind='threads'):
     """How the classifier splits a (G, m) batch over the CPU threads: ('G', slices) (whole
     task groups per thread, when they divide evenly: no weight gradients to sum, bigger
     products; measured 2-3% faster than image shards for 8x64), ('m', slices) (image shards
     of every group, the one-task case), or None (one thread, a device array, or a batch
-    too small to be worth it)."""
+    too small to be worth it). kind: what runs the shards, 'threads' or 'processes'
+    (_MIN_SHARD)."""
     n = get_num_threads() if xp is np else 1
-    min_shard = _MIN_SHARD[get_shard_workers()]
+    min_shard = _MIN_SHARD[kind]
     if n < 2 or G * m < 2 * min_shard:
         return None
     if G % n == 0:
@@ -499,7 +503,7 @@ def classifier_loss_and_grads(x, y, weights, cfg):
     the mean (loss and dlogits scaled by it), so a step hands work to the threads once."""
     _check_images(x, cfg)
     xp = get_xp(x, *weights.values())
-    shards = _shards(x.shape[0], x.shape[1], xp)
+    shards = _shards(x.shape[0], x.shape[1], xp, get_shard_workers())
 
     if shards is None:
         return _shard_loss_and_grads(x, y, weights, 1.0, cfg)

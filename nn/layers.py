@@ -107,7 +107,8 @@ def _pad_hw(pad):
 # are page-faulted in on every step). Each block is freed after use; the first layer's
 # dw builds its blocks again (cheaper than keeping 39 MB: results/performance-history.md). One
 # block on a GPU. 1 MB since session 9 (2 MB before): with the products cut for OpenBLAS's
-# small-matrix kernels (_mm) the step took 0.98x the time (results/small-gemm.txt).
+# small-matrix kernels (_mm) the step took 0.97-0.99x the time at batch 128 and 256
+# (0.98-1.01x at 20 and 8x64; results/small-gemm.txt).
 _BLOCK_BYTES = 1 << 20
 
 
@@ -229,15 +230,17 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
 # small-matrix kernels, which skip packing the operands into buffers. Our products are
 # narrow (N = 16 channels) and long (M = pixels), where packing costs as much as the
 # multiply-adds: cut into row blocks under that size, one call per block (a batched
-# matmul over a free reshape), they ran 1.3-1.6x faster (results/small-gemm.txt).
+# matmul over a free reshape), they ran 1.1-1.7x faster (results/small-gemm.txt).
 # 0 turns the cutting off (products whole, as other BLAS libraries may prefer).
 _SMALL_GEMM_MNK = 1_000_000
 
 
-def _block_rows(xp, m, k, n):
-    """Rows per block for an (m, k) @ (k, n) product cut by rows (or by the summed axis m
-    of an (n, m) @ (m, k) one); None: leave it whole (a device, cutting off, or too small
-    to matter)."""
+def small_product_block(xp, m, k, n):
+    """How long a block of the m-long axis of an (m, k) @ (k, n) product (or of the summed
+    m axis of an (n, m) @ (m, k) one) may be for OpenBLAS's small-matrix kernels: about
+    _SMALL_GEMM_MNK / (k*n), equal blocks where a nearby block count divides m. None: leave
+    the product whole (not numpy, cutting off, already small, or so wide that blocks would
+    be under 8 long). Also used for columns (nn.optim.LowRank, supernet's generator)."""
     if xp is not np or not _SMALL_GEMM_MNK:
         return None
     r = _SMALL_GEMM_MNK // max(k * n, 1)
@@ -250,11 +253,12 @@ def _block_rows(xp, m, k, n):
 
 
 def _mm(xp, a, b, out=None):
-    """a (G, M, K) @ b (G, K, N) -> (G, M, N), in blocks of rows (_SMALL_GEMM_MNK).
-    a must be C-contiguous in its last two axes (a patch matrix is)."""
+    """a (G, M, K) @ b (G, K, N) -> (G, M, N), the M rows in blocks (small_product_block):
+    (G, M/r, r, K) @ (G, 1, K, N) -> (G, M/r, r, N), one BLAS call per block, then the rest.
+    Splitting an axis is always a view, so `out` is written in place whatever its strides."""
     G, M, K = a.shape
     N = b.shape[-1]
-    r = _block_rows(xp, M, K, N)
+    r = small_product_block(xp, M, K, N)
     if out is None:
         out = xp.empty((G, M, N), dtype=xp.result_type(a.dtype, b.dtype))
     if r is None:
@@ -267,11 +271,12 @@ def _mm(xp, a, b, out=None):
 
 
 def _mm_tn(xp, a, b):
-    """a (G, M, N), b (G, M, K) -> a^T @ b (G, N, K), the sum over M cut into blocks of
-    rows (_SMALL_GEMM_MNK), their products summed. a, b C-contiguous in their last two axes."""
+    """a (G, M, N), b (G, M, K) -> a transposed times b, (G, N, K): the sum over the M rows,
+    cut into blocks (small_product_block) whose products are then summed:
+    (G, M/r, N, r) @ (G, M/r, r, K) -> (G, M/r, N, K) -> sum over the blocks."""
     G, M, N = a.shape
     K = b.shape[-1]
-    r = _block_rows(xp, M, K, N)
+    r = small_product_block(xp, M, K, N)
     if r is None:
         return a.swapaxes(1, 2) @ b
     q = M // r * r
@@ -342,10 +347,11 @@ def _conv_grads_by_phase(xp, d, x, wg, pt, pl, stride, need_dx, need_dw):
                 dw=None))
     # Blocks of images outside, phases inside: a block's d, x and dx are read or written
     # while they are in cache for all the phases, not streamed from memory once per phase
-    # (the phases' dcol blocks together about 2 * _BLOCK_BYTES; smaller blocks were no
-    # faster in the whole step). With the blocks padded on their own (_patch_blocks),
-    # conv2's backward at batch 512 on one thread took 0.86x session 7's time (28.2 -> 24.0
-    # ms); the step 0.91-0.98x (results/grads-blocks-outer.txt).
+    # (the phases' dcol blocks together about 2 * _BLOCK_BYTES; in session 8 smaller
+    # blocks were no faster in the whole step; session 9 halved _BLOCK_BYTES once the
+    # products were cut for OpenBLAS's small-matrix kernels). With the blocks padded on
+    # their own (_patch_blocks), conv2's backward at batch 512 on one thread took 0.86x
+    # session 7's time (28.2 -> 24.0 ms); the step 0.91-0.98x (results/grads-blocks-outer.txt).
     dcol_bytes = sum(ph.ny * ph.nx * ph.nA * ph.nB for ph in phases) * G * F * d.dtype.itemsize
     for blk in _image_blocks(xp, N, max(1, dcol_bytes // 2)):
         for ph in phases:

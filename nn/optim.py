@@ -26,7 +26,7 @@ and a row, so the update makes 8 passes over a chunk instead of 11 (results/rmsp
 import numpy as np
 
 from .backend import get_num_threads, get_xp, parallel_map, split_range
-from .layers import _block_rows
+from .layers import small_product_block
 
 _CHUNK = 1 << 18      # 256K floats = 1 MB per array. Fewer chunks, fewer numpy calls: the
                       # step at batch 20 0.93-0.96x the time of 128K chunks, none more than
@@ -38,9 +38,10 @@ class LowRank:
     """A gradient given as the product U @ V, never formed in memory.
 
     U (rows, r), V (r, cols). The generator's output-layer gradient is one: dW = h.T @ dpre
-    has rank G (the tasks in the step), 3.75M values made from 101*G + G*37,165 numbers.
+    has rank G (the tasks in the step), 3.75M values made from 100*G + G*37,165 numbers.
     Written out and read back by the optimizer it is 30 MB of memory traffic per step;
-    instead the update rules build it chunk by chunk, in cache, as they apply it.
+    instead the update rules build it chunk by chunk, in cache, as they apply it (RMSProp
+    at rank 1, the usual case, never builds it: see rmsprop).
     materialize() gives the array (what a plain gradient would be).
     """
 
@@ -56,9 +57,9 @@ class LowRank:
         multiply, plus 0.0 so that a zero product is +0.0 as in the matrix product (which
         sums onto zero), not -0.0: the same bits as xp.dot, measured 2.3x faster than it
         (results/performance-history.md, session 7). Higher ranks: matrix products over
-        column blocks small enough for OpenBLAS's small-matrix kernels (nn.layers._mm):
-        a chunk's 7 rows at rank 8 in 50 us, against 165 us whole and 239 us by xp.dot
-        (results/lowrank-blocks.txt)."""
+        column blocks small enough for OpenBLAS's small-matrix kernels
+        (nn.layers.small_product_block): a chunk's 7 rows at rank 8 in 52 us, against 169 us
+        whole and 243 us by xp.dot (results/lowrank-blocks.txt)."""
         xp = get_xp(self.U, self.V)
         if self.U.shape[1] == 1:
             out = xp.multiply(self.U[r], self.V, out=out)      # (rows, 1) * (1, cols)
@@ -67,7 +68,7 @@ class LowRank:
         U, V = self.U[r], self.V
         if out is None:
             out = xp.empty((U.shape[0], V.shape[1]), dtype=self.dtype)
-        step = _block_rows(xp, V.shape[1], U.shape[1], U.shape[0])   # columns per product
+        step = small_product_block(xp, V.shape[1], U.shape[1], U.shape[0])   # columns per product
         if step is None:
             return xp.matmul(U, V, out=out)
         for c in range(0, V.shape[1], step):
@@ -214,21 +215,22 @@ def rmsprop(w, dw, config=None):
         apply(t, wc, mc)
 
     rank1 = None
-    if isinstance(dw, LowRank) and dw.U.shape[1] == 1:
+    if (isinstance(dw, LowRank) and dw.U.shape[1] == 1 and xp is np
+            and dw.U.dtype == dw.V.dtype == w.dtype):
         # g = u v (column times row): g^2 = ((1-rho) u^2) v^2 and lr g / s = (v / s) (lr u)
         u, v = dw.U, dw.V
-        a2 = (1 - rho) * (u * u)            # (rows, 1), tiny
-        v2 = v * v                          # (1, cols)
-        lu = lr * u                         # (rows, 1)
+        u_sq = float(1 - rho) * (u * u)     # (rows, 1), tiny
+        v_sq = v * v                        # (1, cols)
+        lr_u = float(lr) * u                # (rows, 1)
 
         def rank1(t, wr, r, ms, mc=None):
             ms *= rho
-            xp.multiply(a2[r], v2, out=t)   # t  = (1-rho) g^2, never g itself
+            xp.multiply(u_sq[r], v_sq, out=t)   # t = (1-rho) g^2, never g itself
             ms += t                         # ms = rho ms + (1-rho) g^2
             xp.add(ms, eps, out=t)
             xp.sqrt(t, out=t)
             xp.divide(v, t, out=t)          # t  = v / sqrt(ms + eps)
-            t *= lu[r]                      # t  = lr g / sqrt(ms + eps)
+            t *= lr_u[r]                    # t  = lr g / sqrt(ms + eps)
             apply(t, wr, mc)
     _update_in_chunks(kernel, config, w, dw, config['cache'], *((config['mom'],) if mu > 0 else ()),
                       rank1=rank1)

@@ -283,31 +283,60 @@ def test_blocked_conv_equals_one_block(monkeypatch, case):
             assert rel_error(a, e) < 1e-13
 
 
+def _conv_results(x, w, b, stride, pad):
+    out, cache = L.conv_forward(x, w, b, stride, pad)
+    dout = np.random.default_rng(1).normal(size=out.shape)
+    return (out,) + L.conv_backward(dout, cache)
+
+
 @pytest.mark.parametrize('case', CONV_PATH_CASES)
 def test_products_cut_into_row_blocks_equal_whole_ones(monkeypatch, case):
     """On the CPU long products are cut into row blocks under _SMALL_GEMM_MNK multiply-adds
-    (nn.layers._mm, _mm_tn). Cut small here, so that the products of these small cases are
-    cut too: the same numbers as whole products to rounding, and the gradients check."""
+    (nn.layers._mm, _mm_tn). Cut small here, so that products of these small cases are cut
+    too: the same numbers as whole products (gradient-checked in test_conv_paths_gradcheck)
+    to rounding."""
     shape_x, shape_w, pad, stride = case
     r = np.random.default_rng(5)
     x, w = r.normal(size=shape_x), r.normal(size=shape_w)
     b = r.normal(size=shape_w[:-4] + shape_w[-1:])
     cuts = []
-    real = L._block_rows
-    monkeypatch.setattr(L, '_block_rows', lambda *a: cuts.append(real(*a)) or cuts[-1])
+    real = L.small_product_block
+    monkeypatch.setattr(L, 'small_product_block', lambda *a: cuts.append(real(*a)) or cuts[-1])
     results = []
     for mnk in (0, 600, 2000):
         monkeypatch.setattr(L, '_SMALL_GEMM_MNK', mnk)
-        out, cache = L.conv_forward(x, w, b, stride, pad)
-        dout = np.random.default_rng(1).normal(size=out.shape)
-        results.append((out,) + L.conv_backward(dout, cache))
-        f = lambda: L.conv_forward(x, w, b, stride, pad)[0]
-        for arr, grad in zip((x, w, b), results[-1][1:]):
-            assert check_gradient(f, arr, grad, dout) < 1e-8
-    assert any(c is not None for c in cuts)                  # the cut path ran
+        results.append(_conv_results(x, w, b, stride, pad))
+    assert any(c is not None for c in cuts)                  # some product was cut
     for cut in results[1:]:
         for a, e in zip(cut, results[0]):
             assert rel_error(a, e) < 1e-13
+
+
+@pytest.mark.parametrize('C,mnk', [(16, 200_000), (3, 20_000)])   # dw from the phases; from im2col(x)
+def test_every_kind_of_product_is_cut_and_equals_the_whole_one(monkeypatch, C, mnk):
+    """conv2-like (C = F) and conv1-like (C < F) layers at a cut that splits every product:
+    the forward's and dx's (_mm) and dw's (_mm_tn), with remainders or without."""
+    r = np.random.default_rng(C)
+    x, w = r.normal(size=(2, 4, 16, 16, C)), r.normal(size=(2, 5, 5, C, 16))
+    b = r.normal(size=(2, 16))
+    cut = {}
+    for name in ('_mm', '_mm_tn'):
+        real = getattr(L, name)
+
+        def spy(xp, a, bb, name=name, real=real, **kw):
+            K, N = (a.shape[-1], bb.shape[-1]) if name == '_mm' else (bb.shape[-1], a.shape[-1])
+            cut.setdefault(name, []).append(L.small_product_block(xp, a.shape[1], K, N) is not None)
+            return real(xp, a, bb, **kw)
+        monkeypatch.setattr(L, name, spy)
+    monkeypatch.setattr(L, '_SMALL_GEMM_MNK', 0)
+    whole = _conv_results(x, w, b, 2, 'SAME')
+    cut.clear()
+    monkeypatch.setattr(L, '_SMALL_GEMM_MNK', mnk)
+    blocks = _conv_results(x, w, b, 2, 'SAME')
+    assert all(cut['_mm']) and all(cut['_mm_tn'])
+    assert len(cut['_mm']) > 4 and cut['_mm_tn']              # the forward's, dx's per phase, dw's
+    for a, e in zip(blocks, whole):
+        assert (a is None and e is None) or rel_error(a, e) < 1e-13
 
 
 # --------------------------------------------------------------------------- PyTorch oracle

@@ -131,14 +131,15 @@ def test_im2col_of_views_that_cannot_take_items_takes_the_plain_copy(view):
 
 def test_row_blocks_for_small_products(monkeypatch):
     """Rows per block: at most _SMALL_GEMM_MNK multiply-adds, equal blocks where a nearby
-    block count divides the rows; products small enough, a device, or 0: not cut."""
-    assert L._block_rows(np, 1280, 400, 16) == 128           # conv2's forward block: 10 x 128
-    assert L._block_rows(np, 6912, 75, 16) == 768            # conv1's: 9 x 768
-    assert L._block_rows(np, 1009, 400, 16) == 156           # a prime: 156-row blocks and the rest
-    assert L._block_rows(np, 150, 400, 16) is None           # already small
-    assert L._block_rows(strict, 1280, 400, 16) is None
+    block count divides the rows; products small enough, too wide, a device, or 0: not cut."""
+    assert L.small_product_block(np, 1280, 400, 16) == 128           # conv2's forward block: 10 x 128
+    assert L.small_product_block(np, 6912, 75, 16) == 768            # conv1's: 9 x 768
+    assert L.small_product_block(np, 1009, 400, 16) == 156           # a prime: 156-row blocks and the rest
+    assert L.small_product_block(np, 150, 400, 16) is None           # already small
+    assert L.small_product_block(np, 5000, 400, 400) is None         # blocks under 8 rows: whole
+    assert L.small_product_block(strict, 1280, 400, 16) is None
     monkeypatch.setattr(L, '_SMALL_GEMM_MNK', 0)
-    assert L._block_rows(np, 1280, 400, 16) is None
+    assert L.small_product_block(np, 1280, 400, 16) is None
 
 
 @pytest.mark.parametrize('M', [1009, 1000])                   # with and without a remainder
@@ -146,7 +147,7 @@ def test_cut_products_equal_whole_ones(monkeypatch, M):
     monkeypatch.setattr(L, '_SMALL_GEMM_MNK', 40 * 5 * 50)  # 50-row blocks
     r = np.random.default_rng(M)
     a, b, c = r.normal(size=(2, M, 40)), r.normal(size=(2, 40, 5)), r.normal(size=(2, M, 5))
-    assert L._block_rows(np, M, 40, 5) in (50, 100 if M == 1000 else 50)
+    assert L.small_product_block(np, M, 40, 5) == 50
     assert rel_error(L._mm(np, a, b), a @ b) < 1e-13
     out = np.full((2, M, 5), np.nan)
     assert L._mm(np, a, b, out=out) is out and rel_error(out, a @ b) < 1e-13

@@ -2,7 +2,6 @@
 result: the sharded classifier and the optimizers' chunks give the serial numbers (to float rounding in sums; bit for bit where nothing is summed).
 Also the rank-G generator gradient (nn.optim.LowRank), which the optimizers build chunk
 by chunk, against the formed gradient."""
-import os
 import numpy as np
 import pytest
 
@@ -73,28 +72,34 @@ def test_parallel_map_waits_for_every_item_before_an_error_goes_up(threads):
 CFG = S.Config(n_tasks=6)
 
 
-@pytest.mark.skipif(os.name != 'posix', reason='worker processes are POSIX only')
-def test_processes_cut_smaller_batches_than_threads(threads):
+def test_processes_cut_smaller_batches_than_threads(threads, monkeypatch):
+    """Shards of 8+ images for worker processes, 16+ for threads; the training step cuts
+    for what map_shards uses, the forward alone (evaluation) for threads."""
     threads(2)
-    old = backend.set_shard_workers('processes')
+    assert S._shards(1, 20, np, 'processes') == ('m', [slice(0, 10), slice(10, 20)])
+    assert S._shards(1, 15, np, 'processes') is None
+    assert S._shards(2, 8, np, 'processes') == ('G', [slice(0, 1), slice(1, 2)])
+    assert S._shards(1, 20, np) is None and S._shards(1, 20, np, 'threads') is None
+    assert S._shards(2, 8, np, 'threads') is None
+    seen = []
+    real = S._shards
+    monkeypatch.setattr(S, '_shards', lambda *a: seen.append(a[3:]) or real(*a))
+    cfg = S.Config(n_tasks=3)
+    p = S.init_params(cfg)
+    x = np.random.default_rng(0).normal(size=(1, 20) + cfg.image_shape).astype(np.float32)
+    weights = S.split_theta(S.generator_forward(p['z'][:1], p, cfg)[0], cfg)
+    S.classifier_forward(x, weights, cfg)
+    old = backend.set_shard_workers('threads')
     try:
-        assert S._shards(1, 20, np) == ('m', [slice(0, 10), slice(10, 20)])   # shards of 8+ images
-        assert S._shards(1, 15, np) is None
-        assert S._shards(2, 8, np) == ('G', [slice(0, 1), slice(1, 2)])
-        backend.set_shard_workers('threads')
-        assert S._shards(1, 20, np) is None                      # threads: 16+ images
-        assert S._shards(2, 8, np) is None
+        S.classifier_loss_and_grads(x, np.zeros((1, 20), np.float32), weights, cfg)
     finally:
         backend.set_shard_workers(old)
+    assert seen == [(), ('threads',)]
 
 
 def test_how_the_batch_is_cut(threads):
     threads(2)
-    old = backend.set_shard_workers('threads')
-    try:
-        _check_cuts(threads)
-    finally:
-        backend.set_shard_workers(old)
+    _check_cuts(threads)
 
 
 def _check_cuts(threads):
@@ -112,7 +117,7 @@ def _check_cuts(threads):
 
 @pytest.mark.parametrize('G,m', [(1, 40), (3, 12), (4, 1), (1, 3)])   # image shards, group shards, serial
 def test_sharded_step_equals_serial(threads, monkeypatch, G, m):
-    monkeypatch.setattr(S, '_MIN_SHARD', {'processes': 1, 'threads': 1})                      # shard even these small batches
+    monkeypatch.setattr(S, '_MIN_SHARD', {'processes': 1, 'threads': 1})   # shard even these small batches
     r = np.random.default_rng(G * 100 + m)
     p = S.init_params(CFG, dtype=np.float64)
     p['z'] = r.normal(size=p['z'].shape)
@@ -248,11 +253,11 @@ def test_rmsprop_rank_one_never_builds_the_gradient(threads, monkeypatch, moment
 @pytest.mark.parametrize('dtype,tol', [(np.float32, 1e-6), (np.float64, 1e-13)])
 def test_lowrank_rows_in_column_blocks_equal_the_product(dtype, tol):
     """Rank > 1: the rows are built by products over column blocks (OpenBLAS's small-matrix
-    kernels, nn.layers._block_rows); the same numbers as U @ V to rounding."""
+    kernels, nn.layers.small_product_block); the same numbers as U @ V to rounding."""
     from nn import layers
     r = np.random.default_rng(9)
     U, V = r.normal(size=(101, 8)).astype(dtype), r.normal(size=(8, 37165)).astype(dtype)
-    assert layers._block_rows(np, 37165, 8, 7) is not None       # a 7-row chunk is cut
+    assert layers.small_product_block(np, 37165, 8, 7) is not None       # a 7-row chunk is cut
     g = LowRank(U, V)
     out = np.full((7, 37165), np.nan, dtype)
     assert g.rows(slice(3, 10), out=out) is out
@@ -323,18 +328,19 @@ def test_rank_one_rows_on_the_device():
     assert np.array_equal(to_host(g.materialize()), U @ V)
 
 
-def test_training_step_with_lowrank_equals_formed_gradient_and_runs_on_the_device():
+@pytest.mark.parametrize('tasks', [[0, 2], [1]])             # rank 2 (built), rank 1 (RMSProp's own path)
+def test_training_step_with_lowrank_equals_formed_gradient_and_runs_on_the_device(tasks):
     """loss_and_grads(lowrank=True) + the optimizer = the formed-gradient step, on the CPU
     and on the strict device stand-in (where the product is formed whole)."""
     cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(3, 4), kernel=3, fc=(5,), z_dim=6, n_tasks=4)
     r = np.random.default_rng(0)
-    x = r.normal(size=(2, 3, 8, 8, 3))
-    y = (r.random((2, 3)) > 0.5).astype(np.float64)
+    x = r.normal(size=(len(tasks), 3, 8, 8, 3))
+    y = (r.random((len(tasks), 3)) > 0.5).astype(np.float64)
     res = {}
     for xp in (np, strict):
         for lowrank in (False, True):
             p = S.init_params(cfg, seed=0, xp=xp, dtype=np.float64)
-            loss, g, _ = S.loss_and_grads(p, to_device(x, xp), to_device(y, xp), [0, 2], cfg, lowrank=lowrank)
+            loss, g, _ = S.loss_and_grads(p, to_device(x, xp), to_device(y, xp), tasks, cfg, lowrank=lowrank)
             assert isinstance(g['gen.out.w'], LowRank) == lowrank
             Optimizer('rmsprop', learning_rate=1e-2).step(p, g)
             res[xp, lowrank] = {k: to_host(v) for k, v in p.items()}
