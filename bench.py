@@ -96,8 +96,8 @@ def machine_peaks(xp, quick):
     same for the products our convolutions make (conv2's: a block of its patch matrix,
     rows x 400, times the 400 x 16 weight, through nn.layers._mm as the layers run it,
     cut into row blocks for OpenBLAS's small-matrix kernels; the rows of one cache-sized
-    block on the CPU, of batch 512 in one block on a device), the ceiling of im2col + matmul convolutions
-    before any copying; and copy GB/s (bytes copied per second of a 64 MB array, split
+    block on the CPU, of batch 512 in one block on a device), the ceiling of im2col +
+    matmul convolutions before any copying; and copy GB/s (bytes copied per second of a 64 MB array, split
     over the threads, as memcpy benchmarks count)."""
     sync = lambda: synchronize(xp)
     fastest = lambda fn: min(timed(fn, sync) for _ in range(3 if quick else 8))      # seconds

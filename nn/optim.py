@@ -93,16 +93,16 @@ def _update_in_chunks(kernel, config, w, dw, *state, rank1=None):
     """kernel(t, w_chunk, g_chunk, *state_chunks) over matching flat chunks, t a
     chunk-sized scratch; the chunks are shared out over the CPU threads. A LowRank dw is
     built a block of whole rows at a time into a second scratch (formed whole on a device,
-    or when its dtype is not w's). If the rule gives `rank1` and dw is a rank-1 LowRank,
-    rank1(t, w_rows, rows, *state_rows) runs instead, on (rows, cols) chunks, and builds
-    what it needs of u[rows] v itself (dw is not built)."""
+    or when its dtype is not w's). If the rule gives `rank1` and dw is a rank-1 LowRank
+    whose factors have w's dtype, rank1(t, w_rows, rows, *state_rows) runs instead, on
+    (rows, cols) chunks, and builds what it needs of u[rows] v itself (dw is not built)."""
     xp = get_xp(w, *state)
     if not all(a.flags.c_contiguous for a in (w,) + state):
         raise ValueError("optimizer: a parameter and its state must be C-contiguous (they are updated in place)")
     lowrank = isinstance(dw, LowRank)
     if lowrank and (xp is not np or dw.dtype != w.dtype or w.shape[1] == 0):
         dw, lowrank = dw.materialize(), False
-    rank1 = rank1 if lowrank and dw.U.shape[1] == 1 else None
+    rank1 = rank1 if lowrank and dw.U.shape[1] == 1 and dw.U.dtype == dw.V.dtype else None
     if lowrank:
         cols = w.shape[1]
         step = max(1, _CHUNK // cols)                           # whole rows per chunk
@@ -215,8 +215,7 @@ def rmsprop(w, dw, config=None):
         apply(t, wc, mc)
 
     rank1 = None
-    if (isinstance(dw, LowRank) and dw.U.shape[1] == 1 and xp is np
-            and dw.U.dtype == dw.V.dtype == w.dtype):
+    if isinstance(dw, LowRank) and dw.U.shape[1] == 1:   # used where _update_in_chunks can
         # g = u v (column times row): g^2 = ((1-rho) u^2) v^2 and lr g / s = (v / s) (lr u)
         u, v = dw.U, dw.V
         u_sq = float(1 - rho) * (u * u)     # (rows, 1), tiny
