@@ -87,6 +87,13 @@ def test_device_selection_errors():
     if not have_cupy:
         with pytest.raises(RuntimeError, match='needs CuPy'):
             get_device_module('gpu')
+        return
+    try:                                           # CuPy installed: the GPU, or a clear error without one
+        gpu = get_device_module('gpu')
+    except RuntimeError as e:
+        assert 'no CUDA device' in str(e)
+    else:
+        assert gpu is cupy and get_device_module('cuda') is cupy
 
 
 def _cupy_or_skip():

@@ -95,6 +95,25 @@ def test_gradcheck_several_input_tiles_single_task():
     assert max(errs.values()) < TOL, errs
 
 
+
+def test_gradcheck_refuses_vacuous_or_leaking_z(monkeypatch):
+    """The check samples z only in the batch's rows, demands exact zeros in the others,
+    and raises where the sampled numerical gradient is 0 (a check that proves nothing)."""
+    cfg, hcfg = S.Config(**SMALL), H.HyperConfig(nz=8, d=8, output='linear')
+    real = H.hyper_loss_and_grads
+
+    def leaking(p, x, y, tasks, cfg, hcfg):
+        loss, grads, logits = real(p, x, y, tasks, cfg, hcfg)
+        grads['z'][1, 0] = 1e-3                      # the row of task 1, outside the batch [2, 0]
+        return loss, grads, logits
+    monkeypatch.setattr(H, 'hyper_loss_and_grads', leaking)
+    with pytest.raises(RuntimeError, match='outside the batch'):
+        H.hyper_gradient_check(cfg, hcfg, [2, 0], n_samples=5, keys=['z'])
+    monkeypatch.setattr(H, 'hyper_loss_and_grads', real)
+    monkeypatch.setattr(H, 'hyper_loss', lambda *a: 0.0)    # a loss that ignores the parameters
+    with pytest.raises(RuntimeError, match='proves nothing|prove nothing'):
+        H.hyper_gradient_check(cfg, hcfg, [2, 0], n_samples=5, keys=['z'])
+
 @pytest.mark.parametrize('output', ['linear', 'tanh'])
 def test_gradcheck_original_config(output):
     """The original classifier (37,165 weights), default HyperConfig, 2 tasks; 100 sampled

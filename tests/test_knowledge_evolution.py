@@ -269,4 +269,7 @@ def test_two_generations_on_the_strict_device_equal_numpy(tmp_path, taskset):
     assert [g['gen'] for g in dev] == [1, 2]
     for gh, gd in zip(host, dev):
         for k in gh:
-            assert gh[k] == pytest.approx(gd[k], rel=1e-6, abs=1e-7), k
+            if k.endswith('_acc') or k == 'gen':
+                assert gh[k] == gd[k], k                      # the same predictions
+            else:                                               # float32 losses: the host cuts its products
+                assert gh[k] == pytest.approx(gd[k], rel=1e-6, abs=0), k   # for OpenBLAS (a few ulps apart)

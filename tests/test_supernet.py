@@ -183,8 +183,8 @@ def test_generated_weights_have_the_glorot_scale_and_original_init():
     w = S.split_theta(S.generator_forward(p['z'], p, cfg)[0], cfg)
     # one-hot z: conv2.w ~ U(+-sqrt(6/(400+400))) through tanh (nearly linear there)
     lim = np.sqrt(6 / 800)
-    assert abs(float(np.abs(w['conv2.w']).max()) - lim) < 0.01
-    assert abs(float(w['conv2.w'].std()) - lim / np.sqrt(3)) < 0.005
+    assert abs(float(np.abs(w['conv2.w']).max()) - lim) < 1e-3       # 2.2e-4 off (tanh shrinks the edge)
+    assert abs(float(w['conv2.w'].std()) - lim / np.sqrt(3)) < 1e-3  # 1e-4 off (19,200 draws)
     orig = S.init_generator(S.Config(gen_init='original'), np.random.default_rng(0))
     layout, _ = S.classifier_layout(cfg)
     off, n, _ = layout['conv1.w']
