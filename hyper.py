@@ -343,11 +343,12 @@ def hyper_gradient_check(cfg, hcfg, tasks, m=3, n_samples=100, seed=0, w_out_sca
     biases, random images and labels; w_out_scale enlarges the generated kernels (for 'tanh',
     so that it is neither saturated nor linear). The batch holds m images of each task.
     keys: the parameters to check (default all).
-    Returns {parameter key: rel_error over n_samples random coordinates (all if None)}.
-    z is sampled in the rows of the batch's tasks; its other rows' gradient must be exactly
-    0. Every check raises if its sampled numerical gradient is zero (it would prove nothing).
+    Returns {parameter key: the largest rel_error of its groups}: n_samples random coordinates
+    (all if None), grouped as supernet's gradient_check does (S._gradcheck_groups: z in the
+    batch's rows and, fewer, in the others). z's other rows' gradient must be exactly 0 (all
+    of them); a group whose sampled numerical gradient is zero raises (it would prove nothing).
     """
-    from nn.gradcheck import check_gradient, sample_indices
+    from nn.gradcheck import check_gradient
     r = np.random.default_rng(seed)
     p = hyper_init_params(cfg, hcfg, seed=seed, dtype=np.float64)
     p['z'] = r.normal(0, 1 / np.sqrt(cfg.z_dim), size=p['z'].shape)
@@ -364,16 +365,9 @@ def hyper_gradient_check(cfg, hcfg, tasks, m=3, n_samples=100, seed=0, w_out_sca
         raise ValueError(f"gradient check: loss {float(loss):.3g}: the classifier saturates and the "
                          "check would be vacuous; lower w_out_scale")
     f = lambda: hyper_loss(p, x, y, tasks, cfg, hcfg)
-    errs = {}
-    for k in (keys or p):
-        idx = None
-        if k == 'z':
-            used = np.isin(np.arange(p['z'].shape[0]), tasks)
-            if np.any(grads['z'][~used] != 0):
-                raise RuntimeError("gradient check: z rows of tasks outside the batch got a non-zero gradient")
-            rows, dim = np.flatnonzero(used), p['z'].shape[1]
-            j = sample_indices((len(rows), dim), n_samples, np.random.default_rng(seed))
-            idx = rows[j // dim] * dim + j % dim
-        errs[k] = check_gradient(f, p[k], grads[k], n_samples=n_samples, seed=seed, idx=idx, min_grad=1e-8,
-                                 name=f"hyper gradient check, {k}")
-    return errs
+    if np.any(np.delete(grads['z'], tasks, axis=0) != 0):
+        raise RuntimeError("gradient check: z rows of tasks outside the batch got a non-zero gradient")
+    groups = S._gradcheck_groups(cfg, p, tasks, n_samples, np.random.default_rng(seed))
+    return {k: max(check_gradient(f, p[k], grads[k], idx=idx, name=f'hyper gradient check: {k} ({label})',
+                                  min_grad=None if label == 'unused rows' else 1e-8) for label, idx in groups[k])
+            for k in (keys or p)}
