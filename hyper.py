@@ -348,7 +348,6 @@ def hyper_gradient_check(cfg, hcfg, tasks, m=3, n_samples=100, seed=0, w_out_sca
     batch's rows and, fewer, in the others). z's other rows' gradient must be exactly 0 (all
     of them); a group whose sampled numerical gradient is zero raises (it would prove nothing).
     """
-    from nn.gradcheck import check_gradient
     r = np.random.default_rng(seed)
     p = hyper_init_params(cfg, hcfg, seed=seed, dtype=np.float64)
     p['z'] = r.normal(0, 1 / np.sqrt(cfg.z_dim), size=p['z'].shape)
@@ -368,6 +367,4 @@ def hyper_gradient_check(cfg, hcfg, tasks, m=3, n_samples=100, seed=0, w_out_sca
     if np.any(np.delete(grads['z'], tasks, axis=0) != 0):
         raise RuntimeError("gradient check: z rows of tasks outside the batch got a non-zero gradient")
     groups = S._gradcheck_groups(cfg, p, tasks, n_samples, np.random.default_rng(seed))
-    return {k: max(check_gradient(f, p[k], grads[k], idx=idx, name=f'hyper gradient check: {k} ({label})',
-                                  min_grad=None if label == 'unused rows' else 1e-8) for label, idx in groups[k])
-            for k in (keys or p)}
+    return S._check_groups(f, p, grads, {k: groups[k] for k in (keys or p)}, 'hyper gradient check')

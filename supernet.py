@@ -280,7 +280,7 @@ _GEN_THREADS_MIN_G = 4
 def _gen_column_blocks(G, W, xp):
     """How the generator's big products h @ W and W @ dpre.T run on the CPU: a list, one
     entry per thread, of column blocks of W, each small enough for OpenBLAS's small-matrix
-    kernels (nn.layers.small_product_block; the products alone 0.83x / 0.73x the time of
+    kernels (nn.layers.small_product_slices; the products alone 0.83x / 0.73x the time of
     whole ones at G = 8, the step 0.96x at G = 2 and 4, unchanged at 8:
     results/gen-blocks.txt); or None, one whole product (G = 1, a matrix-vector product;
     a device; no columns)."""
@@ -288,12 +288,8 @@ def _gen_column_blocks(G, W, xp):
     if xp is not np or G < 2 or P == 0:
         return None
     n = get_num_threads() if G >= _GEN_THREADS_MIN_G else 1
-    out = []
-    for part in split_range(P, max(1, n)):
-        width = part.stop - part.start
-        step = L.small_product_block(xp, width, W.shape[0], G) or width
-        out.append([slice(c, min(c + step, part.stop)) for c in range(part.start, part.stop, step)])
-    return out
+    return [L.small_product_slices(xp, part.start, part.stop, W.shape[0], G)
+            for part in split_range(P, max(1, n))]
 
 
 def _out_layer_forward(h, W, b):
@@ -751,7 +747,6 @@ def gradient_check(cfg, tasks, m=3, n_samples=200, seed=0, h=1e-5):
     for a few coordinates (errors up to 1e-4, falling to 1e-9 at h = 1e-6), so its case
     uses h = 1e-6.
     """
-    from nn.gradcheck import check_gradient
     r = np.random.default_rng(seed)
     p = init_params(cfg, seed=seed, dtype=np.float64)
     p['z'] = r.normal(size=p['z'].shape)
@@ -772,9 +767,17 @@ def gradient_check(cfg, tasks, m=3, n_samples=200, seed=0, h=1e-5):
         raise RuntimeError('gradient_check: could not bring the logits out of saturation')
     _, grads, _ = loss_and_grads(p, x, y, tasks, cfg)
     f = lambda: loss_and_grads(p, x, y, tasks, cfg)[0]
-    return {k: max(check_gradient(f, p[k], grads[k], h=h, idx=idx, name=f'gradient_check: {k} ({label})',
-                                  min_grad=None if label == 'unused rows' else 1e-8) for label, idx in groups)
-            for k, groups in _gradcheck_groups(cfg, p, tasks, n_samples, r).items()}
+    return _check_groups(f, p, grads, _gradcheck_groups(cfg, p, tasks, n_samples, r), 'gradient_check', h)
+
+
+def _check_groups(f, p, grads, groups, name, h=1e-5):
+    """{key: the largest rel_error of its groups} for groups {key: [(label, flat indices)]}
+    as _gradcheck_groups gives them (also hyper's check). A group whose sampled numerical
+    gradient is at most 1e-8 raises, except z's unused rows, whose gradient must be 0."""
+    from nn.gradcheck import check_gradient
+    return {k: max(check_gradient(f, p[k], grads[k], h=h, idx=idx, name=f'{name}: {k} ({label})',
+                                  min_grad=None if label == 'unused rows' else 1e-8) for label, idx in g)
+            for k, g in groups.items()}
 
 
 GRADCHECK_CASES = {

@@ -240,7 +240,7 @@ def small_product_block(xp, m, k, n):
     m axis of an (n, m) @ (m, k) one) may be for OpenBLAS's small-matrix kernels: about
     _SMALL_GEMM_MNK / (k*n), equal blocks where a nearby block count divides m. None: leave
     the product whole (not numpy, cutting off, already small, or so wide that blocks would
-    be under 8 long). Also used for columns (nn.optim.LowRank, supernet's generator)."""
+    be under 8 long). Columns are cut with it too: small_product_slices."""
     if xp is not np or not _SMALL_GEMM_MNK:
         return None
     r = _SMALL_GEMM_MNK // max(k * n, 1)
@@ -250,6 +250,14 @@ def small_product_block(xp, m, k, n):
         if m % blocks == 0:
             return m // blocks
     return r
+
+
+def small_product_slices(xp, start, stop, k, n):
+    """slice(start, stop) of an axis cut as small_product_block says (one slice when the
+    product stays whole): the column blocks of nn.optim.LowRank's rows and of supernet's
+    generator products."""
+    step = small_product_block(xp, stop - start, k, n) or max(stop - start, 1)
+    return [slice(c, min(c + step, stop)) for c in range(start, stop, step)]
 
 
 def _mm(xp, a, b, out=None):

@@ -26,7 +26,7 @@ and a row, so the update makes 8 passes over a chunk instead of 11 (results/rmsp
 import numpy as np
 
 from .backend import get_num_threads, get_xp, parallel_map, split_range
-from .layers import small_product_block
+from .layers import small_product_slices
 
 _CHUNK = 1 << 18      # 256K floats = 1 MB per array. Fewer chunks, fewer numpy calls: the
                       # step at batch 20 0.93-0.96x the time of 128K chunks, none more than
@@ -58,7 +58,7 @@ class LowRank:
         sums onto zero), not -0.0: the same bits as xp.dot, measured 2.3x faster than it
         (results/performance-history.md, session 7). Higher ranks: matrix products over
         column blocks small enough for OpenBLAS's small-matrix kernels
-        (nn.layers.small_product_block): a chunk's 7 rows at rank 8 in 52 us, against 169 us
+        (nn.layers.small_product_slices): a chunk's 7 rows at rank 8 in 52 us, against 169 us
         whole and 243 us by xp.dot (results/lowrank-blocks.txt)."""
         xp = get_xp(self.U, self.V)
         if self.U.shape[1] == 1:
@@ -68,11 +68,8 @@ class LowRank:
         U, V = self.U[r], self.V
         if out is None:
             out = xp.empty((U.shape[0], V.shape[1]), dtype=self.dtype)
-        step = small_product_block(xp, V.shape[1], U.shape[1], U.shape[0])   # columns per product
-        if step is None:
-            return xp.matmul(U, V, out=out)
-        for c in range(0, V.shape[1], step):
-            xp.matmul(U, V[:, c:c + step], out=out[:, c:c + step])
+        for c in small_product_slices(xp, 0, V.shape[1], U.shape[1], U.shape[0]):
+            xp.matmul(U, V[:, c], out=out[:, c])
         return out
 
     def materialize(self):

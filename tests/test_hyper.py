@@ -95,7 +95,6 @@ def test_gradcheck_several_input_tiles_single_task():
     assert max(errs.values()) < TOL, errs
 
 
-
 def test_gradcheck_refuses_vacuous_or_leaking_z(monkeypatch):
     """The check samples z only in the batch's rows, demands exact zeros in the others,
     and raises where the sampled numerical gradient is 0 (a check that proves nothing)."""
@@ -113,6 +112,7 @@ def test_gradcheck_refuses_vacuous_or_leaking_z(monkeypatch):
     monkeypatch.setattr(H, 'hyper_loss', lambda *a: 0.0)    # a loss that ignores the parameters
     with pytest.raises(RuntimeError, match='proves nothing|prove nothing'):
         H.hyper_gradient_check(cfg, hcfg, [2, 0], n_samples=5, keys=['z'])
+
 
 @pytest.mark.parametrize('output', ['linear', 'tanh'])
 def test_gradcheck_original_config(output):

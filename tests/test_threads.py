@@ -99,10 +99,6 @@ def test_processes_cut_smaller_batches_than_threads(threads, monkeypatch):
 
 def test_how_the_batch_is_cut(threads):
     threads(2)
-    _check_cuts(threads)
-
-
-def _check_cuts(threads):
     assert S._shards(1, 20, np) is None                          # too few images: one thread
     assert S._shards(1, 128, np) == ('m', [slice(0, 64), slice(64, 128)])
     assert S._shards(8, 64, np) == ('G', [slice(0, 4), slice(4, 8)])      # whole groups when they divide
