@@ -27,6 +27,7 @@ everything runs on the calling thread and BLAS is left as it was.
 """
 import ctypes
 import os
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -36,7 +37,7 @@ import numpy as np
 from . import workers     # imported with the backend: it notes the start-up directory for its workers
 
 _REGISTRY = []          # [(array_type, module)], searched in order by get_xp
-_CUPY_CHECKED = False
+_CUPY_REGISTERED = False
 
 
 def register_array_module(array_type, module):
@@ -45,14 +46,15 @@ def register_array_module(array_type, module):
 
 
 def _maybe_register_cupy():
-    global _CUPY_CHECKED
-    if _CUPY_CHECKED:
+    """Register CuPy once it has been imported (by anyone, at any time): get_xp never
+    imports it itself, and looks again on every call until it is there (a dict lookup)."""
+    global _CUPY_REGISTERED
+    if _CUPY_REGISTERED:
         return
-    _CUPY_CHECKED = True
-    import sys
-    cp = sys.modules.get('cupy')      # only if the caller already imported it
+    cp = sys.modules.get('cupy')
     if cp is not None:
         register_array_module(cp.ndarray, cp)
+        _CUPY_REGISTERED = True
 
 
 def get_xp(*arrays):
@@ -92,8 +94,6 @@ def get_device_module(device=None):
                            "Run with --device cpu.") from e
     if n < 1:
         raise RuntimeError("--device gpu: CuPy found no CUDA device. Run with --device cpu.")
-    global _CUPY_CHECKED
-    _CUPY_CHECKED = False
     _maybe_register_cupy()
     return cp
 

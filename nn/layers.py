@@ -31,6 +31,7 @@ Shapes and backward formulas (g = upstream gradient dL/dout):
   sigmoid   out = 1/(1+exp(-x)) (stable)     dx = g * out * (1 - out)
   flatten   out = x.reshape(..., -1)          dx = g.reshape(x.shape)
 """
+import numbers
 from types import SimpleNamespace
 
 import numpy as np
@@ -91,14 +92,25 @@ def conv_output_size(size, k, stride, pad):
 
 
 def _pad_hw(pad):
-    """pad for both axes: 'SAME' | 'VALID' | int | ((top,bottom),(left,right))."""
+    """pad for both axes: 'SAME' | 'VALID' | int | ((top,bottom),(left,right)), ints >= 0."""
+    bad = ValueError(f"conv: padding must be 'SAME', 'VALID', an int >= 0 or ((top, bottom), (left, right)) "
+                     f"of ints >= 0, got {pad!r}")
+
+    def count(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise bad
+        return int(v)
     if isinstance(pad, str):
         if pad not in ('SAME', 'VALID'):
-            raise ValueError(f"conv: padding must be 'SAME', 'VALID', an int or ((t,b),(l,r)), got {pad!r}")
+            raise bad
         return pad, pad
-    if isinstance(pad, int):
-        return pad, pad
-    return tuple(pad[0]), tuple(pad[1])
+    if isinstance(pad, numbers.Integral):
+        return count(pad), count(pad)
+    try:
+        (t, b), (l, r) = pad
+    except (TypeError, ValueError):
+        raise bad from None
+    return (count(t), count(b)), (count(l), count(r))
 
 
 # im2col works on blocks of images: each block's patch matrix is about this size, so it
@@ -114,7 +126,7 @@ _BLOCK_BYTES = 1 << 20
 
 def _image_blocks(xp, n, bytes_per_image):
     """Slices cutting n images into blocks of about _BLOCK_BYTES (a single block off the CPU)."""
-    step = max(1, _BLOCK_BYTES // bytes_per_image) if xp is np else n
+    step = max(1, _BLOCK_BYTES // bytes_per_image if xp is np else n)
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
@@ -202,8 +214,9 @@ def conv_forward(x, w, b, stride=1, pad='SAME'):
         raise ValueError(f"conv: input has {x.shape[-1]} channels but the weight expects {w.shape[-2]}")
     if grouped and x.shape[0] != w.shape[0]:
         raise ValueError(f"conv: {x.shape[0]} input groups but {w.shape[0]} weight groups")
-    if not (isinstance(stride, int) and stride >= 1):
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
         raise ValueError(f"conv: stride must be a positive int, got {stride!r}")
+    stride = int(stride)
     xg = x if grouped else x[None]
     wg = w if grouped else w[None]
     bg = b if grouped else b[None]
@@ -372,7 +385,7 @@ def _conv_grads_by_phase(xp, d, x, wg, pt, pl, stride, need_dx, need_dw):
     dw = None
     if need_dw:
         dw = xp.zeros((G, kh, kw, C, F), dtype=d.dtype)
-        for ph in phases:
+        for ph in (ph for ph in phases if ph.dw is not None):       # None: no images
             dw[:, ph.p::s, ph.q::s] = ph.dw.reshape(G, C, ph.nA, ph.nB, F).transpose(0, 2, 3, 1, 4)[:, ::-1, ::-1]
     return dx, dw
 
@@ -391,6 +404,9 @@ def conv_backward(dout, cache, need_dx=True):
     xp = get_xp(dout, x)
     G, N, C = x.shape[0], x.shape[1], x.shape[-1]
     F = w2.shape[2]
+    want = (G, N, Ho, Wo, F) if grouped else (N, Ho, Wo, F)
+    if tuple(dout.shape) != want:
+        raise ValueError(f"conv_backward: dout {tuple(dout.shape)} should be the forward's output shape {want}")
     d = dout.reshape(G, N, Ho, Wo, F)
     ones = xp.ones((G, 1, N * Ho * Wo), dtype=d.dtype)
     db = (ones @ d.reshape(G, -1, F))[:, 0]              # (G, F): a gemv; sum(axis=1) is 20x slower
@@ -403,6 +419,8 @@ def conv_backward(dout, cache, need_dx=True):
         for blk, col in _patch_blocks(xp, x, pads, kh, kw, Ho, Wo, stride):
             part = _mm_tn(xp, d[:, blk].reshape(G, -1, F), col)       # (G, F, K): dw transposed,
             dw = part if dw is None else dw + part       # faster than col.T @ d; summed over the blocks
+        if dw is None:                                   # no images
+            dw = xp.zeros((G, F, kh * kw * C), dtype=d.dtype)
         dw = dw.swapaxes(1, 2).reshape(G, kh, kw, C, F)
     if not grouped:
         dx = None if dx is None else dx[0]

@@ -246,8 +246,8 @@ def adam(w, dw, config=None):
     if 'm' not in config:
         config['m'] = xp.zeros_like(w)
         config['v'] = xp.zeros_like(w)
-    config['t'] += 1
-    b1, b2, eps, t_ = config['beta1'], config['beta2'], config['epsilon'], config['t']
+    t_ = config['t'] + 1                 # counted once the update has run (a refused call changes nothing)
+    b1, b2, eps = config['beta1'], config['beta2'], config['epsilon']
     # Python floats, not np.float64 scalars, which would run float32 updates in float64
     step = float(config['learning_rate'] * np.sqrt(1 - b2 ** t_) / (1 - b1 ** t_))
     eps_hat = float(eps * np.sqrt(1 - b2 ** t_))   # same update as eps added to the corrected sqrt(v)
@@ -266,10 +266,14 @@ def adam(w, dw, config=None):
         t *= step
         wc -= t
     _update_in_chunks(kernel, config, w, dw, config['m'], config['v'])
+    config['t'] = t_
     return config
 
 
 RULES = {'sgd': sgd, 'momentum': sgd_momentum, 'rmsprop': rmsprop, 'adam': adam}
+HYPER = {'sgd': ('learning_rate',), 'momentum': ('learning_rate', 'momentum'),
+         'rmsprop': ('learning_rate', 'decay', 'epsilon', 'momentum'),
+         'adam': ('learning_rate', 'beta1', 'beta2', 'epsilon')}      # each rule's settings
 _STATE_KEYS = ('velocity', 'cache', 'mom', 'm', 'v')
 
 
@@ -284,12 +288,17 @@ class Optimizer:
     def __init__(self, rule='rmsprop', **hyper):
         if rule not in RULES:
             raise ValueError(f"unknown optimizer {rule!r}; choose from {sorted(RULES)}")
+        unknown = sorted(set(hyper) - set(HYPER[rule]))
+        if unknown:
+            raise ValueError(f"optimizer {rule!r}: unknown setting(s) {unknown}; it takes {list(HYPER[rule])}")
         self.rule, self.hyper, self.configs = rule, dict(hyper), {}
 
     def step(self, params, grads, keys=None):
         for k in (grads if keys is None else keys):
             if k not in params:
                 raise KeyError(f"optimizer: gradient for unknown parameter {k!r}")
+            if k not in grads:
+                raise KeyError(f"optimizer: no gradient for parameter {k!r} (keys={list(keys)!r})")
             cfg = self.configs.setdefault(k, dict(self.hyper))
             RULES[self.rule](params[k], grads[k], cfg)
 

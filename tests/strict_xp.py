@@ -145,8 +145,9 @@ class _StrictLib:
 
 class _StrictModule:
     """numpy's namespace, but every function takes and returns StrictArrays and
-    refuses host arrays (except the explicit transfers asarray/array)."""
-    _TRANSFER = {'asarray', 'array', 'ascontiguousarray'}
+    refuses host arrays (except the explicit transfers asarray/array; ascontiguousarray is
+    not one: CuPy's takes only a cupy.ndarray)."""
+    _TRANSFER = {'asarray', 'array'}
     lib = _StrictLib()
 
     def __getattr__(self, name):

@@ -73,6 +73,9 @@ def test_a_host_array_in_the_hot_path_is_caught():
     w_host = np.ones((3, 3, 1, 1))                 # forgot to move the weight
     with pytest.raises(TypeError):
         L.conv_forward(x, w_host, strict.asarray(np.ones(1)), 1, 'SAME')
+    for rule in ('sgd', 'sgd_momentum', 'rmsprop', 'adam'):   # a host gradient for a device parameter
+        with pytest.raises(TypeError):
+            getattr(optim, rule)(strict.asarray(np.ones(40000)), np.ones(40000), None)
 
 
 def test_device_selection_errors():
@@ -138,3 +141,16 @@ def test_whole_supernet_step_runs_on_the_strict_device():
         out[xp] = {k: to_host(v) for k, v in p.items()}
     for k in out[np]:
         assert rel_error(out[np][k], out[strict][k]) < 1e-13, k
+
+
+@pytest.mark.parametrize('C,F', [(3, 4), (4, 3)])       # dw from im2col(x), and by phase
+def test_conv_of_an_empty_batch_on_host_and_device(C, F):
+    """No images: an empty output, zero gradients, the same on the host and the device."""
+    for xp in (np, strict):
+        x = to_device(np.zeros((0, 8, 8, C)), xp)
+        w, b = to_device(np.ones((5, 5, C, F)), xp), to_device(np.ones(F), xp)
+        out, cache = L.conv_forward(x, w, b, 2)
+        assert out.shape == (0, 4, 4, F)
+        dx, dw, db = L.conv_backward(out, cache)
+        assert dx.shape == (0, 8, 8, C) and dw.shape == (5, 5, C, F) and db.shape == (F,)
+        assert not to_host(dw).any() and not to_host(db).any()

@@ -254,6 +254,22 @@ def test_conv_rejects_bad_shapes():
         L.conv_forward(r.normal(size=(2, 1, 8, 8, 3)), r.normal(size=(3, 3, 3, 3, 5)), r.normal(size=(3, 5)))
     with pytest.raises(ValueError, match='features but the weight expects'):
         L.dense_forward(r.normal(size=(2, 5)), r.normal(size=(4, 3)), r.normal(size=3))
+    w, b = r.normal(size=(3, 3, 3, 5)), r.normal(size=5)
+    for pad in (-1, (1, 2), ((1, 1), (1, -1)), 1.5, True, ((1, 1),)):
+        with pytest.raises(ValueError, match='padding must be'):
+            L.conv_forward(x, w, b, 1, pad)
+    for stride in (0, 1.0, True):
+        with pytest.raises(ValueError, match='stride must be'):
+            L.conv_forward(x, w, b, stride)
+    # numpy integers are integers
+    ref = L.conv_forward(x, w, b, 2, ((1, 0), (0, 1)))[0]
+    assert np.array_equal(L.conv_forward(x, w, b, np.int64(2), ((np.int64(1), 0), (0, np.int32(1))))[0], ref)
+    # dout must have the output's shape, not just its size
+    out, cache = L.conv_forward(x, w, b, 2)
+    with pytest.raises(ValueError, match="dout .* should be the forward's output shape"):
+        L.conv_backward(out[None], cache)
+    with pytest.raises(ValueError, match="dout .* should be the forward's output shape"):
+        L.conv_backward(out.reshape(2, 16, 5), cache)
 
 
 

@@ -26,6 +26,19 @@ def test_loss_value_and_gradient():
     assert check_gradient(lambda: sigmoid_cross_entropy(logits, y)[0], logits, dlogits) < TOL
 
 
+def test_loss_of_soft_targets():
+    """Targets in [0, 1], not only 0/1: the same formula, minimal (zero gradient) where the
+    logit's probability equals the target."""
+    r = np.random.default_rng(4)
+    logits, y = r.normal(size=8) * 2, r.random(8)
+    loss, dlogits = sigmoid_cross_entropy(logits, y)
+    p = 1 / (1 + np.exp(-logits))
+    assert abs(float(loss) - np.mean(-y * np.log(p) - (1 - y) * np.log(1 - p))) < 1e-12
+    assert rel_error(dlogits, (p - y) / y.size) < 1e-12
+    at_target = np.log(y / (1 - y))
+    assert np.abs(sigmoid_cross_entropy(at_target, y)[1]).max() < 1e-15
+
+
 def test_loss_is_stable_for_large_logits():
     logits = np.array([-1e4, -100.0, 100.0, 1e4], dtype=np.float32)
     y = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float32)
@@ -55,7 +68,9 @@ def _textbook(rule, w, grads, cfg):
     w = w.copy()
     state = {}
     for t, g in enumerate(grads, 1):
-        if rule == 'sgd_momentum':
+        if rule == 'sgd':
+            w = w - cfg['learning_rate'] * g
+        elif rule == 'sgd_momentum':
             v = state.get('v', np.zeros_like(w))
             v = cfg['momentum'] * v - cfg['learning_rate'] * g
             w = w + v
@@ -77,8 +92,10 @@ def _textbook(rule, w, grads, cfg):
 
 
 @pytest.mark.parametrize('rule,cfg', [
+    ('sgd', dict(learning_rate=0.1)),
     ('sgd_momentum', dict(learning_rate=0.1, momentum=0.9)),
     ('rmsprop', dict(learning_rate=1e-2, decay=0.9, epsilon=1e-10, momentum=0.0)),
+    ('rmsprop', dict(learning_rate=1e-2, decay=0.9, epsilon=0.5, momentum=0.0)),   # epsilon that matters
     ('adam', dict(learning_rate=1e-2, beta1=0.9, beta2=0.999, epsilon=1e-8)),
 ])
 @pytest.mark.parametrize('size', [7, (3, 50000)])      # the second spans several chunks
@@ -131,5 +148,16 @@ def test_optimizer_dict_updates_only_given_keys_and_round_trips_state():
     assert np.array_equal(p1['b'], p2['b'])
     with pytest.raises(ValueError, match='unknown optimizer'):
         optim.Optimizer('lbfgs')
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['lr'\]"):     # not trained at the default
+        optim.Optimizer('rmsprop', lr=0.5)
+    with pytest.raises(ValueError, match='unknown setting'):
+        optim.Optimizer('adam', beta_1=0.0)
+    with pytest.raises(KeyError, match="no gradient for parameter 'a'"):
+        opt.step(p1, {'b': grads['b']}, keys=['a', 'b'])
+    # a refused update changes nothing, not even Adam's step count
+    cfg = {}
+    with pytest.raises(ValueError, match='C-contiguous'):
+        optim.adam(np.zeros((4, 4)).T, np.zeros((4, 4)), cfg)
+    assert cfg['t'] == 0
     with pytest.raises(ValueError, match='gradient shape'):
         optim.rmsprop(np.zeros(3), np.zeros(4), {})
