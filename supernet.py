@@ -136,6 +136,34 @@ def _gen_dims(cfg):
     return [cfg.z_dim, *cfg.gen_hidden]
 
 
+def generator_shapes(cfg):
+    """{parameter key: shape} of the generator (without 'z'), from the config alone."""
+    if cfg.generator == 'hyper':
+        import hyper
+        return hyper.hyper_shapes(cfg, hyper_config(cfg))
+    _, P = classifier_layout(cfg)
+    dims = _gen_dims(cfg)
+    shapes = {}
+    for l, (a, b) in enumerate(zip(dims[:-1], dims[1:]), 1):
+        shapes[f'gen.h{l}.w'], shapes[f'gen.h{l}.b'] = (a, b), (b,)
+    shapes['gen.out.w'], shapes['gen.out.b'] = (dims[-1], P), (P,)
+    return shapes
+
+
+def check_params(params, cfg):
+    """Raise ValueError naming each difference unless params (generator keys, and 'z' if
+    present) have exactly the shapes cfg's model has. Shapes only: no data is read."""
+    want = generator_shapes(cfg)
+    got = {k: tuple(v.shape) for k, v in params.items() if k.startswith('gen.')}
+    diffs = [f"{k}: {'missing' if k not in got else f'shape {got[k]}, the model has {want[k]}'}"
+             for k in want if got.get(k) != tuple(want[k])]
+    diffs += [f"{k}: not a parameter of this model" for k in got if k not in want]
+    if 'z' in params and (params['z'].ndim != 2 or params['z'].shape[1] != cfg.z_dim):
+        diffs.append(f"z: shape {tuple(params['z'].shape)}, the model needs (n_tasks, {cfg.z_dim})")
+    if diffs:
+        raise ValueError("parameters do not fit the model config: " + '; '.join(diffs))
+
+
 def count_params(cfg):
     """Parameter counts, computed from the shapes: classifier, generator, z."""
     if cfg.generator == 'hyper':
@@ -190,9 +218,12 @@ def init_z(cfg, rng, n_tasks=None, dtype=np.float32, kind=None, first_index=0):
 def init_generator(cfg, rng, dtype=np.float32):
     """Generator parameters (host numpy).
 
-    gen_init='classifier' (default): each head's columns of W are drawn so that, for a
-    one-hot z, the generated tensor has exactly the Glorot-uniform distribution the
-    classifier would get if it were trained directly (and the biases start at 0). Every
+    gen_init='classifier' (default): each head's columns of W are drawn Glorot-uniform for
+    the classifier tensor they make, so that, for a one-hot z, the generated tensor has the
+    distribution the classifier would get if it were trained directly: exactly with a
+    linear output and no hidden layer (with hidden layers: the scale), and through tanh up
+    to its curvature (tanh of the largest limit, 0.244 for out.w, is 2% under it); the
+    biases within +-1e-3 of 0 (not exactly 0, so that their heads' columns are not zero). Every
     task then starts from a properly scaled, independent random classifier, the same
     starting point as the whole-network baseline.
     gen_init='original': the original code's TF defaults, Glorot-uniform over each dense
@@ -498,6 +529,9 @@ def classifier_loss_and_grads(x, y, weights, cfg):
     several CPU threads each shard does all three on its own, taking its share n_s/N of
     the mean (loss and dlogits scaled by it), so a step hands work to the threads once."""
     _check_images(x, cfg)
+    if tuple(y.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"classifier: labels {tuple(y.shape)} do not match images {tuple(x.shape)}: "
+                         f"expected y {tuple(x.shape[:2])}")
     xp = get_xp(x, *weights.values())
     shards = _shards(x.shape[0], x.shape[1], xp, get_shard_workers())
 
@@ -587,13 +621,20 @@ def loss_and_grads(params, x, y, tasks, cfg, need_gen_grads=True, Z=None, lowran
     returns loss (0-d array), grads {key: array}, logits (G, m)
     """
     xp = get_xp(x, params['z'])
-    tasks = np.asarray(tasks, dtype=np.int64).reshape(-1)
+    check_params(params, cfg)
+    raw = np.asarray(to_host(tasks)).reshape(-1)
+    if raw.size and raw.dtype.kind not in 'iu':
+        raise ValueError(f"loss_and_grads: task ids must be integers, got {raw.dtype} {raw.tolist()[:5]}")
+    tasks = raw.astype(np.int64)
     if x.ndim != 5 or x.shape[0] != len(tasks) or y.shape != x.shape[:2]:
         raise ValueError(f"loss_and_grads: x {tuple(x.shape)}, y {tuple(y.shape)} and {len(tasks)} tasks "
                          "do not match: expected x (G, m, H, W, C), y (G, m), tasks (G,)")
     if len(np.unique(tasks)) != len(tasks):
         raise ValueError("loss_and_grads: tasks must be distinct (group the batch with group_batch)")
     use_table = Z is None
+    if use_table and len(tasks) and not (0 <= tasks.min() and tasks.max() < params['z'].shape[0]):
+        raise ValueError(f"loss_and_grads: task ids {tasks.tolist()} outside the {params['z'].shape[0]} "
+                         f"rows of params['z'] (0..{params['z'].shape[0] - 1})")
     if use_table:
         Z = params['z'][to_device(tasks, xp)]                     # (G, z_dim)
     theta, g_cache = generator_forward(Z, params, cfg)           # (G, P)
@@ -686,8 +727,14 @@ def load_checkpoint(path, cfg=None, params_like=None, xp=np):
                 diffs.append(f"{k}: not in model")
             elif tuple(params[k].shape) != tuple(params_like[k].shape):
                 diffs.append(f"{k}: checkpoint shape {tuple(params[k].shape)} vs model {tuple(params_like[k].shape)}")
+            elif params[k].dtype != params_like[k].dtype:
+                diffs.append(f"{k}: checkpoint dtype {params[k].dtype} vs model {params_like[k].dtype}")
         if diffs:
             raise CheckpointError(f"checkpoint {path} does not match the model: " + '; '.join(diffs))
+    bad = [k for k, v in params.items() if v.dtype.kind == 'f' and not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN or inf in {', '.join(bad)}: a diverged or damaged "
+                              "state, which training cannot continue from; delete it to start afresh")
     params = {k: to_device(v, xp) for k, v in params.items()}
     opt_state = {k[4:]: v for k, v in data.items() if k.startswith('opt/')}
     return params, opt_state, meta

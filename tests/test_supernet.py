@@ -316,3 +316,26 @@ def test_bad_inputs_are_rejected():
         S.Config(z_dim=10, n_tasks=20)
     with pytest.raises(ValueError, match='gen_output'):
         S.Config(gen_output='relu')
+    # task ids: integers naming rows of z (a float is not truncated, -1 is not the last row)
+    with pytest.raises(ValueError, match='must be integers'):
+        S.loss_and_grads(p, x, y, [0.0, 1.7], cfg)
+    for tasks in ([-1, 3], [0, 4]):
+        with pytest.raises(ValueError, match=r'outside the 4 rows'):
+            S.loss_and_grads(p, x, y, tasks, cfg)
+    # parameters of another model: named, not a bare KeyError or a loss from the wrong model
+    with pytest.raises(ValueError, match=r"gen.out.w: shape \(6, .*the model has \(8, .*z: shape \(4, 6\)"):
+        S.loss_and_grads(p, x, y, [0, 1], S.Config(**dict(SMALL, z_dim=8)))
+    with pytest.raises(ValueError, match='gen.h1.w: missing'):
+        S.loss_and_grads(p, x, y, [0, 1], S.Config(**dict(SMALL, gen_hidden=(7,))))
+
+
+def test_checkpoint_of_another_dtype_or_with_nan_is_refused(tmp_path):
+    cfg = S.Config(**SMALL)
+    p = S.init_params(cfg, seed=0)
+    S.save_checkpoint(tmp_path / 'f64.npz', {k: v.astype(np.float64) for k, v in p.items()}, cfg)
+    with pytest.raises(S.CheckpointError, match='gen.out.w: checkpoint dtype float64 vs model float32'):
+        S.load_checkpoint(tmp_path / 'f64.npz', cfg=cfg, params_like=p)
+    p['z'][1, 2] = np.nan
+    S.save_checkpoint(tmp_path / 'nan.npz', p, cfg)
+    with pytest.raises(S.CheckpointError, match='NaN or inf in z'):
+        S.load_checkpoint(tmp_path / 'nan.npz', cfg=cfg)

@@ -370,3 +370,16 @@ def test_generator_column_blocks_equal_one_thread(threads, monkeypatch):
             assert rel_error(res[0][0], other[0]) < 1e-13 and rel_error(res[0][1], other[1]) < 1e-13
             for k in res[0][2]:
                 assert rel_error(res[0][2][k], other[2][k]) < 1e-13, (G, k)
+
+
+@pytest.mark.parametrize('n', [1, 2])
+def test_labels_of_the_wrong_shape_are_refused_on_any_thread_count(threads, n):
+    """Not cut to the images' shards and silently dropped on several threads."""
+    threads(n)
+    cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(3,), kernel=3, fc=(4,))
+    w = {k: v[None] for k, v in S.init_classifier(cfg, np.random.default_rng(0)).items()}
+    x = np.random.default_rng(1).normal(size=(1, 40, 8, 8, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r'labels \(1, 41\) do not match'):
+        S.classifier_loss_and_grads(x, np.zeros((1, 41), np.float32), w, cfg)
+    with pytest.raises(ValueError, match=r'labels \(1, 41\) do not match'):
+        S.baseline_loss_and_grads({k: v[0] for k, v in w.items()}, x[0], np.zeros(41, np.float32), cfg)
