@@ -150,6 +150,7 @@ N_TEST = 10_000
 N_FINE = 100
 N_COARSE = 20
 SYNTHETIC_MARKER = "SYNTHETIC.json"
+SYNTHETIC_PENDING = "SYNTHETIC.pending"   # a synthetic set being written (or whose writing was stopped)
 SYNTHETIC_FORMAT = "supernet-synthetic-cifar100"
 SYNTHETIC_VERSION = 1
 
@@ -304,6 +305,12 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _size_note(path: Path) -> str:
+    """'N bytes' of a file, with the official archive's size beside it when they differ."""
+    n = path.stat().st_size
+    return f"{n:,} bytes" + ("" if n == CIFAR100_ARCHIVE_SIZE else f", the official archive has {CIFAR100_ARCHIVE_SIZE:,}")
+
+
 def _fetch(url: str, part: Path, quiet: bool, timeout: float) -> None:
     """Download url into part, resuming with a Range request if part exists."""
     have = part.stat().st_size if part.exists() else 0
@@ -402,14 +409,18 @@ def download_cifar100(data_dir: str | os.PathLike | None = None, url: str = CIFA
     archive = data_dir / CIFAR100_ARCHIVE
     part = archive.with_name(archive.name + ".part")
 
+    moved = ""
     if archive.exists():
-        if file_md5(archive) == md5:
+        got = file_md5(archive)
+        if got == md5:
             if not quiet:
                 print(f"using the verified archive {archive}", file=sys.stderr)
             return _safe_extract(archive, data_dir, quiet)
-        if not quiet:
-            print(f"{archive}: md5 mismatch, deleting it and downloading again", file=sys.stderr)
-        archive.unlink()
+        bad = archive.with_name(archive.name + ".bad")
+        os.replace(archive, bad)            # kept, not deleted: it may be a copy still being made
+        moved = (f"{archive} ({_size_note(bad)}) has md5 {got}, not {md5}: it is incomplete or another "
+                 f"file; it was moved to {bad}, and the archive is downloaded again.")
+        print(moved, file=sys.stderr)       # even when quiet: a file of the user's was moved
 
     try:
         _fetch(url, part, quiet, timeout)
@@ -417,7 +428,7 @@ def download_cifar100(data_dir: str | os.PathLike | None = None, url: str = CIFA
         reason = getattr(e, "reason", None) or e
         kept = (f"\nThe partial download {part} is kept; running the download again resumes it."
                 if part.exists() and part.stat().st_size else "")
-        raise DataError(f"Could not download {url} to {part}: {reason}.{kept}\n"
+        raise DataError(f"{moved + chr(10) if moved else ''}Could not download {url} to {part}: {reason}.{kept}\n"
                         f"{_hint_obtain(data_dir, download_failed=True)}") from None
 
     got = file_md5(part)
@@ -484,8 +495,19 @@ def _read_marker(root: Path) -> dict | None:
         for key in ("md5", "n_train", "n_test", "n_train_per_class", "n_test_per_class", "seed"):
             if key not in marker:
                 raise ValueError(f"missing key {key!r}")
-        if set(marker["md5"]) != set(CIFAR100_FILES):
-            raise ValueError("md5 must list train, test and meta")
+        for key in ("n_train", "n_test", "n_train_per_class", "n_test_per_class", "seed"):
+            v = marker[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} is {v!r}, expected an integer >= 0")
+        md5 = marker["md5"]
+        if not isinstance(md5, dict) or set(md5) != set(CIFAR100_FILES):
+            raise ValueError("md5 must map train, test and meta to their md5s")
+        if not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v) for v in md5.values()):
+            raise ValueError("md5 values must be 32 hex digits")
+        sizes = marker.get("sizes", {})
+        if not isinstance(sizes, dict) or not all(
+                k in CIFAR100_FILES and isinstance(v, int) and not isinstance(v, bool) for k, v in sizes.items()):
+            raise ValueError("sizes must map train, test and meta to byte counts")
     except (ValueError, AttributeError, TypeError, OSError) as e:
         raise DataError(f"{path}: unreadable synthetic-set marker ({e}); {fix}.") from None
     return marker
@@ -638,8 +660,9 @@ def load_dataset(source: str, data_dir: str | os.PathLike | None = None, *, seed
         if not quiet:
             print(f"regenerating the synthetic set in {sub}: {reason}", file=sys.stderr)
     elif not quiet:
+        again = " again (its writing was stopped)" if (sub / CIFAR100_DIRNAME / SYNTHETIC_PENDING).exists() else ""
         print(f"generating a synthetic CIFAR-100 ({n_train_per_class}/{n_test_per_class} per class, "
-              f"seed {seed}) in {sub} ...", file=sys.stderr)
+              f"seed {seed}) in {sub}{again} ...", file=sys.stderr)
     write_synthetic_cifar100(sub, n_train_per_class, n_test_per_class, seed)
     return load_cifar100(sub)
 
@@ -789,9 +812,12 @@ def write_synthetic_cifar100(root: str | os.PathLike, n_train_per_class: int = 5
                              n_test_per_class: int = 100, seed: int = 0) -> Path:
     """Write a synthetic CIFAR-100 to ``root/cifar-100-python`` in the official format.
 
-    Writes ``train``, ``test``, ``meta`` (each atomically) and then
-    ``SYNTHETIC.json`` (their md5s and sizes, counts, seed). Deterministic from
-    ``seed``. Refuses to overwrite a directory that holds a real (unmarked)
+    Writes ``SYNTHETIC.pending`` first (the directory is a synthetic set from then on: one
+    whose writing was stopped, by Ctrl-C or a crash, is written again by the next call,
+    not mistaken for a real set), then ``train``, ``test``, ``meta`` (each atomically)
+    and ``SYNTHETIC.json`` (their md5s and sizes, counts, seed), and removes the pending
+    mark. Deterministic from ``seed``, so two calls writing the same set at once write
+    the same bytes. Refuses to overwrite a directory that holds a real (unmarked)
     CIFAR-100. Returns ``root`` (the data_dir to pass to :func:`load_cifar100`).
     See the module docstring for what the images look like.
     """
@@ -802,14 +828,17 @@ def write_synthetic_cifar100(root: str | os.PathLike, n_train_per_class: int = 5
             raise DataError(f"write_synthetic_cifar100: {name} must be a {kind} integer, got {v!r}.")
     root = Path(root)
     out = root / CIFAR100_DIRNAME
-    marker = out / SYNTHETIC_MARKER
-    if out.is_dir() and not marker.exists() and any((out / f).exists() for f in CIFAR100_FILES):
-        raise DataError(f"{out}: holds CIFAR-100 files without a {SYNTHETIC_MARKER} marker (a real set?); "
-                        f"refusing to overwrite them. Choose another output directory.")
+    marker, pending = out / SYNTHETIC_MARKER, out / SYNTHETIC_PENDING
+    if (out.is_dir() and not marker.exists() and not pending.exists()
+            and any((out / f).exists() for f in CIFAR100_FILES)):
+        raise DataError(f"{out}: holds CIFAR-100 files without a {SYNTHETIC_MARKER} or {SYNTHETIC_PENDING} "
+                        f"marker (a real set?); refusing to overwrite them. Choose another output directory "
+                        f"(or, if it is a synthetic set this code's older versions left unfinished, delete it).")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(pending, b"a synthetic CIFAR-100 is being written here (data.py)\n")
     except OSError as e:
-        raise DataError(f"{out}: cannot create the directory ({e}). Choose another output directory.") from None
+        raise DataError(f"{out}: cannot write there ({e}). Choose another output directory.") from None
     if marker.exists():
         marker.unlink()  # the set is invalid until the new marker is written
 
@@ -848,6 +877,7 @@ def write_synthetic_cifar100(root: str | os.PathLike, n_train_per_class: int = 5
         "sizes": sizes,
     }
     _atomic_write_bytes(marker, (json.dumps(info, indent=2) + "\n").encode())
+    pending.unlink(missing_ok=True)   # (a second writer of the same set may have removed it already)
     return root
 
 

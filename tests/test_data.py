@@ -156,6 +156,43 @@ def test_load_dataset_synthetic_generates_once_and_regenerates_when_corrupt(tmp_
         data.load_dataset("imagenet", tmp_path)
 
 
+def test_synthetic_generation_stopped_midway_is_generated_again(tmp_path, monkeypatch):
+    """Ctrl-C after the first file: the folder is marked as a synthetic set being written,
+    so the next load writes it again (not refused as a real set), to the same bytes."""
+    kw = dict(seed=1, n_train_per_class=2, n_test_per_class=1, quiet=True)
+    sub = tmp_path / "synthetic-1-2-1" / data.CIFAR100_DIRNAME
+    write = data._atomic_write_pickle
+
+    def stop_at_test(path, obj):
+        if path.name == "test":
+            raise KeyboardInterrupt
+        write(path, obj)
+    monkeypatch.setattr(data, "_atomic_write_pickle", stop_at_test)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_dataset("synthetic", tmp_path, **kw)
+    assert (sub / "train").exists() and not (sub / data.SYNTHETIC_MARKER).exists()
+    assert (sub / data.SYNTHETIC_PENDING).exists()
+    monkeypatch.setattr(data, "_atomic_write_pickle", write)
+    ds = data.load_dataset("synthetic", tmp_path, **kw)
+    assert (sub / data.SYNTHETIC_MARKER).exists() and not (sub / data.SYNTHETIC_PENDING).exists()
+    ref = data.load_dataset("synthetic", tmp_path / "fresh", **kw)
+    assert np.array_equal(ds.train_x, ref.train_x) and np.array_equal(ds.test_x, ref.test_x)
+
+
+@pytest.mark.parametrize("key,value", [("n_train", "200"), ("seed", 1.5), ("md5", ["a", "b", "c"]),
+                                       ("sizes", {"train": "big"})])
+def test_marker_with_wrong_value_types_is_a_data_error_and_regenerated(tmp_path, key, value):
+    kw = dict(seed=1, n_train_per_class=2, n_test_per_class=1, quiet=True)
+    ds = data.load_dataset("synthetic", tmp_path, **kw)
+    marker = tmp_path / "synthetic-1-2-1" / data.CIFAR100_DIRNAME / data.SYNTHETIC_MARKER
+    m = json.loads(marker.read_text())
+    m[key] = value
+    marker.write_text(json.dumps(m))
+    with pytest.raises(data.DataError, match="unreadable synthetic-set marker"):
+        data.load_cifar100(tmp_path / "synthetic-1-2-1")
+    assert np.array_equal(data.load_dataset("synthetic", tmp_path, **kw).train_x, ds.train_x)
+
+
 def test_default_data_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SUPERNET_DATA_DIR", str(tmp_path))
     assert data.default_data_dir() == tmp_path
@@ -458,6 +495,26 @@ def test_download_md5_mismatch_leaves_nothing_valid(mini_dir, tmp_path):
     assert not (dd / data.CIFAR100_ARCHIVE).exists()
     assert not (dd / (data.CIFAR100_ARCHIVE + ".part")).exists()
     assert not (dd / data.CIFAR100_DIRNAME).exists()
+
+
+def test_a_bad_archive_placed_by_hand_is_kept_and_named(mini_dir, tmp_path, capsys):
+    """An archive with the wrong md5 (a copy cut short) is moved aside, not deleted, even
+    quietly; the download then runs, and if it fails its message says where the file went."""
+    tgz, md5 = _make_tarball(mini_dir, tmp_path / "c.tar.gz")
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    cut = tgz.read_bytes()[:1000]
+    (dd / data.CIFAR100_ARCHIVE).write_bytes(cut)
+    with pytest.raises(data.DataError) as e:
+        data.download_cifar100(dd, url="http://127.0.0.1:9/nowhere", quiet=True, md5=md5)
+    bad = dd / (data.CIFAR100_ARCHIVE + ".bad")
+    assert bad.read_bytes() == cut and not (dd / data.CIFAR100_ARCHIVE).exists()
+    assert f"moved to {bad}" in str(e.value) and "1,000 bytes" in str(e.value)
+    assert f"moved to {bad}" in capsys.readouterr().err
+    # with the right file reachable, the download replaces it and the set loads
+    (dd / data.CIFAR100_ARCHIVE).write_bytes(cut)
+    assert data.download_cifar100(dd, url=tgz.as_uri(), quiet=True, md5=md5) == dd / data.CIFAR100_DIRNAME
+    assert data.file_md5(dd / data.CIFAR100_ARCHIVE) == md5 and bad.read_bytes() == cut
 
 
 def test_download_without_network_explains_alternatives(tmp_path):
