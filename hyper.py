@@ -11,7 +11,9 @@ z_j (N_z,). Two linear layers, shared by all chunks, map it to the chunk:
 
 (the paper writes K_i = <W_out, a_i> + B_out with W_out (f*f*N_out) x d; here W_out is stored
 transposed, (d, f*f*N_out), so that K_i = a_i @ W_out). The paper has no output nonlinearity
-('linear', the default); 'tanh' (K = tanh(...)) is offered as an option.
+('linear': HyperConfig's and the command line's default); 'tanh' (K = tanh(...)) is offered
+as an option. Through the API, hyper_config takes it from supernet.Config.gen_output, whose
+default is 'tanh' (the dense generator's): pass gen_output='linear' for the paper's.
 
 Task conditioning (our addition). The chunk embedding depends on the task vector z_task:
 
@@ -27,8 +29,9 @@ output channels: conv1 of the original classifier (C_in = 3) is one chunk of whi
 first 3 input channels are used (the other 13 are generated and discarded; they get zero
 gradient). All conv layers share W_in, B_in, W_out, B_out (one kernel size, cfg.kernel).
 
-What is generated. Only the conv kernels, as in Ha et al. (their static hypernetwork
-generates the conv kernels; the other layers are ordinary weights). The fc weights and every
+What is generated. Only conv kernels, as in Ha et al. (their static hypernetwork
+generates conv kernels; the other layers are ordinary weights), but here every conv kernel,
+conv1's included (their MNIST example generates only the second conv layer's). The fc weights and every
 bias are ordinary task-independent parameters ('gen.shared.fc1.w', 'gen.shared.conv1.b', ...,
 named after the classifier tensor): trained in phase 1 like the hypernetwork, frozen in z-only adaptation.
 The fc weights do not tile into f x f x 16 x 16 chunks, and the biases are tiny.
@@ -70,9 +73,10 @@ class HyperConfig(S.DictConfig):
         if self.output not in ('linear', 'tanh'):
             raise ValueError(f"HyperConfig.output must be 'linear' or 'tanh', got {self.output!r}")
         for k in ('nz', 'd', 'chunk'):
-            if int(getattr(self, k)) < 1:
-                raise ValueError(f"HyperConfig.{k} must be >= 1, got {getattr(self, k)}")
-            setattr(self, k, int(getattr(self, k)))
+            v = getattr(self, k)
+            if isinstance(v, bool) or not float(v).is_integer() or int(v) < 1:
+                raise ValueError(f"HyperConfig.{k} must be an integer >= 1, got {v!r}")
+            setattr(self, k, int(v))
 
 
 
@@ -88,6 +92,8 @@ def conv_tiles(cfg, hcfg):
             ti, to = -(-shape[2] // c), -(-shape[3] // c)
             tiles.append((name, shape, n, ti, to))
             n += ti * to
+    if not tiles:
+        raise ValueError("the hypernetwork generates conv kernels, and this classifier has no conv layer")
     return tiles, n
 
 

@@ -412,7 +412,9 @@ def add_common_args(p, default_out):
     g.add_argument('--gen-output', choices=['tanh', 'linear'], default=None,
                    help="generator output: 'tanh' (default for the dense generator, bounds the weights) or "
                         "'linear' (default for --generator hyper, as Ha et al.)")
-    g.add_argument('--gen-init', choices=['classifier', 'original'], default='classifier')
+    g.add_argument('--gen-init', choices=['classifier', 'original'], default='classifier',
+                   help="dense generator's init: 'classifier' (default: each generated tensor starts at its "
+                        "Glorot scale for a one-hot z) or 'original' (the original code's TF defaults)")
     g.add_argument('--fc-activation', action='store_true', help='leaky ReLU between the fc layers (the original has none)')
     g.add_argument('--generator', choices=['dense', 'hyper'], default='dense',
                    help="'dense': SuperNet's generator (default); 'hyper': Ha et al.'s static hypernetwork "
@@ -749,6 +751,8 @@ def validate_args(args, n_train, n_holdout):
              f"--z-dim {args.z_dim}; use --new-z mean or zeros, or a larger --z-dim")
     if args.generator == 'hyper':
         need(not args.gen_hidden.strip(), "--gen-hidden applies to the dense generator only, not --generator hyper")
+        need(args.gen_init == 'classifier',
+             "--gen-init applies to the dense generator only, not --generator hyper (which has its own init)")
 
 
 def ke_labels(args):

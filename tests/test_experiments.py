@@ -255,6 +255,7 @@ def test_plots_are_optional(tmp_path, monkeypatch):
     (['--z-dim', '50'], 'one-hot z needs --z-dim'),
     (['--holdout', '90-98', '--z-dim', '95'], 'unused one-hot index'),
     (['--generator', 'hyper', '--gen-hidden', '8'], '--gen-hidden applies'),
+    (['--generator', 'hyper', '--gen-init', 'original'], '--gen-init applies'),
     (['--threads', '-1'], '--threads must be >= 0'),
     (['--threads', '100000'], r'--threads 100000: this machine has \d+ usable CPU'),
     (['--log-every', '-1'], '--log-every must be >= 0'),

@@ -181,6 +181,12 @@ def test_bad_config_is_rejected():
         H.HyperConfig(output='relu')
     with pytest.raises(ValueError, match='chunk'):
         H.HyperConfig(chunk=0)
+    with pytest.raises(ValueError, match='an integer'):
+        H.HyperConfig(chunk=2.7)                 # not silently truncated to 2
+    assert H.HyperConfig(nz=3.0).nz == 3
+    with pytest.raises(ValueError, match='no conv layer'):
+        H.hyper_init_params(S.Config(image_shape=(4, 4, 3), conv_filters=(), fc=(5,), z_dim=4, n_tasks=2),
+                            H.HyperConfig(nz=3, d=3))
     assert H.HyperConfig.from_dict(H.HyperConfig(nz=3).to_dict()) == H.HyperConfig(nz=3)
 
 

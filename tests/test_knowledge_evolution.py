@@ -188,6 +188,25 @@ def test_two_generations_on_the_tiny_set_and_resume(tmp_path, taskset):
 
 
 
+def test_recorded_figures_are_the_saved_networks_on_the_test_split(tmp_path, taskset):
+    """Each generation's recorded dense / slim figures are exactly those of its saved weights,
+    and of their slim network (the fit hypothesis only), on the task's TEST split: the train
+    split, or the dense weights standing in for the slim ones, give other figures here."""
+    cfg = S.Config()
+    _, res = _run(tmp_path / 'r', taskset, 2)
+    masks = KE.make_masks(cfg, 'kels', 0.5)
+
+    def figures(w, split):
+        return T.evaluate(T.baseline_logits_fn(w, cfg), taskset, 3, split, np)
+
+    for g in res['generations']:
+        w = S.load_checkpoint(str(tmp_path / 'r' / f"ke_T3_gen{g['gen']}.npz"), cfg=cfg)[0]
+        dense, slim = figures(w, 'test'), figures(KE.slim(w, masks), 'test')
+        assert (g['dense_test_loss'], g['dense_test_acc']) == dense
+        assert (g['slim_test_loss'], g['slim_test_acc']) == slim
+        assert figures(w, 'train') != dense and slim != dense       # so the two checks above can fail
+
+
 def test_damaged_or_missing_generation_file_is_trained_again_on_resume(tmp_path, taskset):
     """A generation file that is corrupt gives a message whose advice works: delete it,
     resume, and the generation is trained again to the same weights; a missing one is
