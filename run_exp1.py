@@ -19,7 +19,6 @@ adapt_curves.csv, adapt_T<i>.png (with matplotlib), log.txt, phase1.npz.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -78,7 +77,8 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall, finger
                     'mean_acc': float(np.mean(accs)), 'trainable': vals[0]['trainable']}
         cells = ' | '.join(f"{v['test_acc']:.3f} ({v['test_loss']:.3f})" for v in vals)
         lines.append(f"| {labels[m]} | {vals[0]['trainable']:,} | {cells} | {np.mean(accs):.3f} |")
-    lines += ['', f"Total wall time {wall:.0f} s, peak memory {T.peak_rss_mb():.0f} MB (RSS)."]
+    lines += ['', f"Total wall time {wall:.0f} s (summed over the commands that ran it, resumes included), "
+                  f"peak memory {T.peak_rss_mb():.0f} MB (RSS)."]
     with open(os.path.join(run.path, 'results.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     run.write_csv('phase1_curve.csv', phase1_summary['curve'])
@@ -105,6 +105,38 @@ def write_results(run, args, counts, phase1_summary, adapt_results, wall, finger
     return summary
 
 
+# Options that may differ between the runs --aggregate pools: the seed (the spread is over
+# it), how each run was carried out, and where its phase 1 came from.
+_MAY_DIFFER = set(T.FREE_ON_RESUME) | {'seed', 'phase1_from', 'methods', 'data_label'}
+
+
+def _check_comparable(runs):
+    """Refuse runs that are not the same experiment with another seed: other options or
+    other data (fingerprints; what a run's version did not store is not compared), or a
+    seed given twice."""
+    def options(r):             # --gen-output's default (None) as the value it stands for
+        c = dict(r['config'])
+        if 'gen_output' in c and c['gen_output'] is None:
+            c['gen_output'] = 'linear' if c.get('generator') == 'hyper' else 'tanh'
+        return c
+    first = runs[0]
+    for r in runs[1:]:
+        a, b = options(first), options(r)
+        keys = (set(a) & set(b)) - _MAY_DIFFER - ({'data_dir'} if a.get('data') == b.get('data') == 'synthetic' else set())
+        diffs = [f"--{k.replace('_', '-')} {a[k]!r} / {b[k]!r}" for k in sorted(keys) if a[k] != b[k]]
+        fa, fb = first.get('fingerprints') or {}, r.get('fingerprints') or {}
+        diffs += [f"{k} fingerprint {fa[k]} / {fb[k]}" for k in ('train_data', 'test_data')
+                  if k in fa and k in fb and fa[k] != fb[k]]
+        if diffs:
+            raise SystemExit(f"error: --aggregate: {first['_dir']} and {r['_dir']} ran with other options "
+                             f"({'; '.join(diffs)}): only runs that differ in --seed are pooled")
+    seeds = [r['config']['seed'] for r in runs]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise SystemExit(f"error: --aggregate: seed(s) {twice} given by more than one run; the spread is over "
+                         "distinct seeds")
+
+
 def aggregate(dirs):
     """Mean and spread over seeds of finished runs: per method, the test accuracy averaged
     over the held-out tasks of each run, then mean +- std (and min..max) over the runs."""
@@ -127,7 +159,9 @@ def aggregate(dirs):
         if exp != 1:
             raise SystemExit(f"error: {path} is {f'an Experiment {exp} run' if exp else 'not a run summary'}; "
                              "--aggregate takes Experiment 1 runs")
+        r['_dir'] = d
         runs.append(r)
+    _check_comparable(runs)
     methods = []
     for r in runs:
         methods += [m for m in r['table'] if m not in methods]
@@ -154,7 +188,6 @@ def main(argv=None):
         return T.main_guard(lambda: aggregate(args.aggregate))
 
     def body():
-        t_start = time.perf_counter()
         tasks = D.exp1_tasks()
         try:
             holdout = D.parse_task_range(args.holdout, len(tasks))
@@ -170,7 +203,7 @@ def main(argv=None):
         adapt_results = {}
         for j, h in enumerate(holdout):
             adapt_results[h] = T.adapt(run, args, cfg, taskset, params, h, j, len(train_ids), xp)
-        write_results(run, args, counts, p1, adapt_results, time.perf_counter() - t_start, fp)
+        write_results(run, args, counts, p1, adapt_results, run.wall(), fp)
         return 0
 
     return T.main_guard(body)

@@ -40,6 +40,7 @@ class RunDir:
 
     def __init__(self, path, resume=False, quiet=False, settings=None):
         self.path, self.quiet = path, quiet
+        self.t_open = time.perf_counter()
         self.state_path, self.ckpt_dir = os.path.join(path, 'state.json'), os.path.join(path, 'ckpt')
         self.state = {}
         if os.path.exists(path) and not os.path.isdir(path):
@@ -51,6 +52,11 @@ class RunDir:
                     self.state = json.load(f)
                 if not isinstance(self.state, dict):
                     raise ValueError('not a JSON object')
+                for key in ('stages', 'settings'):
+                    if not isinstance(self.state.get(key, {}), dict):
+                        raise ValueError(f"its {key!r} is not a JSON object")
+                if not all(isinstance(v, dict) for v in self.state.get('stages', {}).values()):
+                    raise ValueError("a stage's record is not a JSON object")
             self.log_file = open(os.path.join(path, 'log.txt'), 'a')
         except OSError as e:
             raise SystemExit(f"error: --out {path}: cannot write there ({e.strerror or e})")
@@ -61,6 +67,8 @@ class RunDir:
         if held and not resume:
             raise SystemExit(f"error: {path} already holds a run (state.json or checkpoints). Use --resume to "
                              "continue it, or choose another --out.")
+        w = self.state.get('wall_s')           # the commands before this one (a resume)
+        self.wall_before = float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else 0.0
         old = self.state.get('settings')
         if settings is not None and old is not None:
             def now(k):        # 'unset': an option this script lacks (a run of the other experiment)
@@ -86,6 +94,16 @@ class RunDir:
         self.log_file.write(msg + '\n')
         self.log_file.flush()
 
+    def wall(self):
+        """Wall time of the run so far: this command's, plus that of the commands before it
+        (an interrupted one's up to its interruption), as stored in state.json."""
+        return self.wall_before + time.perf_counter() - self.t_open
+
+    def save_state(self):
+        """Write state.json (atomically), with the wall time so far."""
+        self.state['wall_s'] = self.wall()
+        self.write_json('state.json', self.state)
+
     def ckpt(self, name):
         return os.path.join(self.ckpt_dir, name.replace('/', '_') + '.npz')
 
@@ -98,7 +116,7 @@ class RunDir:
         self.state.setdefault('stages', {})[stage] = result
         if self.unstored_settings is not None:
             self.state['settings'], self.unstored_settings = self.unstored_settings, None
-        self.write_json('state.json', self.state)
+        self.save_state()
         if os.path.exists(self.ckpt(stage)):
             os.remove(self.ckpt(stage))
 
@@ -256,6 +274,12 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
     def save(step, window=None):
         """window: the running sums of the current log interval, when stopping between
         boundaries (kept exactly, so the resumed curve equals an uninterrupted one)."""
+        bad = [k for k in (params if keys is None else keys) if not bool(xp.isfinite(params[k]).all())]
+        if bad:             # a finite loss can still be followed by an update to inf/NaN
+            raise TrainingDiverged(
+                f"[{name}] {', '.join(bad)} became non-finite by step {step}: stopping without saving. The last "
+                f"good checkpoint ({ckpt if os.path.exists(ckpt) else 'none yet'}) is kept. Start afresh with a "
+                "lower learning rate (another --out).")
         extra = {'step': step, 'rng': rng.bit_generator.state, 'curve': curve,
                  'elapsed_s': elapsed0 + time.perf_counter() - t0}
         if window is not None:
@@ -313,6 +337,8 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
                     raise TrainingDiverged(f"[{name}] interrupted, but the loss is already non-finite: "
                                            "not saving; the last good checkpoint is kept.")
                 save(step, (run_loss, run_correct, run_n, n_img, last_step))
+                if os.path.exists(run.state_path):
+                    run.save_state()                # the wall time up to here, for the resumed run's total
                 raise Interrupted(f"[{name}] interrupted at step {step}; checkpoint saved to {ckpt}. "
                                   "Run the same command with --resume to continue.")
     if start < steps:
@@ -430,7 +456,8 @@ def add_common_args(p, default_out):
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--eval-every', type=int, default=0, help='held-out evaluation interval in steps (default 0: 10 points per stage)')
     g.add_argument('--log-every', type=int, default=0, help='progress line interval (default 0: 20 lines per stage)')
-    g.add_argument('--ckpt-every', type=int, default=0, help='checkpoint interval (default 0: 10 per stage)')
+    g.add_argument('--ckpt-every', type=int, default=0,
+                   help='checkpoint interval (default 0: 10 per stage); rounded to a multiple of the log interval')
     g = p.add_argument_group('run')
     g.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
     g.add_argument('--threads', type=int, default=0,
@@ -461,10 +488,10 @@ def model_config(args, n_tasks):
                     hyper_nz=args.hyper_nz, hyper_d=args.hyper_d)
 
 
-def add_adapt_args(g):
+def add_adapt_args(g, methods='z_only,whole_network,finetune'):
     g.add_argument('--phase1-from', default=None, metavar='DIR',
-                   help='reuse the finished phase 1 of another run directory (same model and tasks) and run '
-                        'only the adaptation stages')
+                   help='reuse the finished phase 1 of another run directory (same tasks, model, data, seed and '
+                        'phase-1 options: only phase-2 options may differ) and run only the adaptation stages')
     g.add_argument('--new-z', choices=['onehot', 'zeros', 'mean'], default='onehot',
                    help="how a held-out task's z starts: an unused one-hot (default), zeros, or the "
                         "mean of the learned z vectors")
@@ -472,9 +499,9 @@ def add_adapt_args(g):
     g.add_argument('--z-lr', type=float, default=1e-2, help='z-only learning rate (default 1e-2)')
     g.add_argument('--baseline-lr', type=float, default=1e-3, help='whole-network learning rate (default 1e-3)')
     g.add_argument('--finetune-lr', type=float, default=None, help='generator fine-tuning learning rate (default: --lr)')
-    g.add_argument('--methods', default='z_only,whole_network,finetune',
+    g.add_argument('--methods', default=methods,
                    help="phase-2 methods to run (comma list of z_only, whole_network, finetune, ke; "
-                        "'none' = only the untrained controls)")
+                        f"'none' = only the untrained controls; default {methods})")
     g.add_argument('--ke-generations', type=int, default=5,
                    help='Knowledge Evolution (method ke): generations of --adapt-steps each (default 5)')
     g.add_argument('--ke-split', type=float, default=0.5, help='Knowledge Evolution split rate s (default 0.5)')
@@ -487,7 +514,6 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
     rows = {t: i for i, t in enumerate(train_ids)}
     params = S.init_params(cfg, seed=args.seed, xp=xp)
     final = os.path.join(run.path, 'phase1.npz')
-    run.write_json('state.json', run.state)          # the settings, for --resume's check
     again = "phase 1 and every stage after it are then redone"
     if run.done('phase1') and not os.path.exists(final):
         # the later stages started from the lost generator: a redone phase 1 (--threads may
@@ -497,7 +523,8 @@ def phase1(run, args, cfg, taskset, train_ids, xp):
         for f in (os.listdir(run.ckpt_dir) if os.path.isdir(run.ckpt_dir) else []):
             os.remove(os.path.join(run.ckpt_dir, f))
     if not run.done('phase1') and getattr(args, 'phase1_from', None):
-        _import_phase1(run, args.phase1_from, final, train_ids, cfg)
+        _import_phase1(run, args.phase1_from, final, train_ids, cfg)     # refused: nothing written yet
+    run.save_state()                                 # the settings, for --resume's check
     if run.done('phase1'):
         saved, _, _ = load_finished(final, again, cfg=cfg, params_like=params, xp=xp)
         run.log(f"[phase1] done already: loaded {final}")
@@ -548,16 +575,33 @@ def load_finished(path, again, **kw):
                                 f"same command with --resume; {again}") from None
 
 
+# Options that only change phase 2 (or name the tasks, compared as the task list itself):
+# --phase1-from may take a phase 1 whose run differs in these only.
+PHASE2_ONLY = ('adapt_steps', 'methods', 'z_lr', 'baseline_lr', 'finetune_lr', 'new_z', 'ke_generations',
+               'ke_mode', 'ke_split', 'phase1_from', 'holdout', 'holdout_pair', 'data_label')
+
+
 def _import_phase1(run, src, final, train_ids, cfg):
-    """Reuse the finished phase 1 of another run directory (same model, same tasks)."""
+    """Reuse the finished phase 1 of another run directory: same tasks, same model, and
+    (where that run stored its options) the same data, seed and phase-1 options."""
     import shutil
     try:
         with open(os.path.join(src, 'state.json')) as f:
-            p1 = json.load(f)['stages']['phase1']
-    except (OSError, KeyError, ValueError) as e:
+            state = json.load(f)
+        p1 = state['stages']['phase1']
+    except (OSError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"error: --phase1-from {src}: no finished phase 1 there ({e})")
     if sorted(int(t) for t in p1['per_task']) != sorted(train_ids):
         raise SystemExit(f"error: --phase1-from {src} was trained on other tasks; use the same --holdout")
+    theirs, ours = state.get('settings'), run.state.get('settings')
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        diffs = [f"--{k.replace('_', '-')} {theirs.get(k, 'unset')!r} there, {ours.get(k, 'unset')!r} here"
+                 for k in sorted(set(theirs) | set(ours)) if k not in PHASE2_ONLY and theirs.get(k) != ours.get(k)]
+        if diffs:
+            raise SystemExit(f"error: --phase1-from {src}: its phase 1 ran with other options ({'; '.join(diffs)}); "
+                             "use that run's data, seed and phase-1 options here")
+    else:
+        run.log(f"note: --phase1-from {src} has no stored options: only its tasks and model are checked")
     S.load_checkpoint(os.path.join(src, 'phase1.npz'), cfg=cfg)      # same model, or a clear error
     shutil.copyfile(os.path.join(src, 'phase1.npz'), final)
     run.finish('phase1', p1)
@@ -641,7 +685,7 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
             f = baseline_logits_fn(q, cfg) if method == 'whole_network' else supernet_logits_fn(q, ccfg, q['z'][0])
             return dict(zip(('test_loss', 'test_acc'), evaluate(f, taskset, h, 'test', xp)))
 
-        before = {k: v.copy() for k, v in gen.items()} if method == 'z_only' else None
+        before = {k: v.copy() for k, v in p.items() if k != 'z'} if method == 'z_only' else None
         opt = make_optimizer(args, lr=lr)
         curve = train_stage(run, stage, p, ccfg if method != 'whole_network' else cfg, step, sampler,
                               args.adapt_steps, opt, keys=keys, seed=args.seed * 1000 + h, eval_fn=eval_fn,
@@ -649,8 +693,11 @@ def adapt(run, args, cfg, taskset, params, h, j, n_train, xp):
         res = {'test_loss': curve[-1]['test_loss'], 'test_acc': curve[-1]['test_acc'],
                'train_acc_last': curve[-1]['train_acc'], 'trainable': trainable,
                'wall_s': curve[-1]['elapsed_s'], 'curve': curve}
-        if before is not None:      # the claim "frozen" is measured, not assumed
-            res['generator_unchanged'] = all(bool((before[k] == gen[k]).all()) for k in gen)
+        if before is not None:      # the claims "frozen" and "z learned" are measured, not assumed:
+            # the generator arrays this stage trained with, bit for bit, and how far z moved
+            res['generator_unchanged'] = (set(before) == set(gen) and
+                                          all(bool((before[k] == p[k]).all()) and p[k] is gen[k] for k in gen))
+            res['z_change'] = float(xp.abs(p['z'][0] - z0).max())
             if not res['generator_unchanged']:
                 raise RuntimeError('z-only adaptation changed the generator')
         run.finish(stage, res)

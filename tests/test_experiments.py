@@ -56,7 +56,7 @@ def test_exp1_end_to_end(tiny_cifar_dir, straight_exp1):
         assert set(a) == {'control_z0', 'control_zmean', 'control_zother', 'control_znew', 'z_only',
                           'whole_network', 'finetune'}
         assert a['control_zother']['test_acc'] <= a['control_zother']['test_acc_best'] <= 1.0
-        assert a['z_only']['generator_unchanged'] is True
+        assert a['z_only']['generator_unchanged'] is True and a['z_only']['z_change'] > 1e-3
         assert a['z_only']['trainable'] == 100
         assert a['whole_network']['trainable'] == 37165
         assert a['finetune']['trainable'] == 37165 * 101 + 100
@@ -129,10 +129,34 @@ def test_exp1_ctrl_c_then_resume_equals_straight_run(tiny_cifar_dir, straight_ex
     assert run_exp1.main(_exp1_args(tiny_cifar_dir, cut)) == 130      # stopped, checkpoint saved
     assert list((cut / 'ckpt').iterdir())
     assert not (cut / 'summary.json').exists()
+    wall_cut = json.loads((cut / 'state.json').read_text())['wall_s']
     assert run_exp1.main(_exp1_args(tiny_cifar_dir, cut, '--resume')) == 0
+    assert json.loads((cut / 'summary.json').read_text())['wall_s'] > wall_cut > 0    # both commands counted
     a = _strip_times(json.loads((straight / 'summary.json').read_text()))
     b = _strip_times(json.loads((cut / 'summary.json').read_text()))
     assert a == b
+    for f in ('phase1_curve.csv', 'adapt_curves.csv'):      # every row of the curves too
+        assert _strip_times(_read_csv(straight / f)) == _strip_times(_read_csv(cut / f)), f
+
+
+def test_phase1_from_reuses_only_a_matching_phase1(tiny_cifar_dir, straight_exp1, tmp_path, capsys):
+    """Another run's phase 1 is taken when only phase-2 options differ (its generator and
+    figures, bit for bit); another seed, phase-1 learning rate or other tasks are refused."""
+    out = tmp_path / 'reuse'
+    assert run_exp1.main(_exp1_args(tiny_cifar_dir, out, '--methods', 'z_only', '--z-lr', '3e-2',
+                                    '--phase1-from', str(straight_exp1))) == 0
+    assert 'reusing the finished phase 1' in (out / 'log.txt').read_text()
+    ours, theirs = S.load_checkpoint(out / 'phase1.npz')[0], S.load_checkpoint(straight_exp1 / 'phase1.npz')[0]
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    s, t = (json.loads((d / 'summary.json').read_text())['phase1'] for d in (out, straight_exp1))
+    assert _strip_times(s) == _strip_times(t)
+    bad = tmp_path / 'bad'
+    for extra, msg in ((['--seed', '1'], "--seed 0 there, 1 here"),
+                       (['--lr', '1e-2'], "--lr 0.001 there, 0.01 here"),
+                       (['--holdout', '96-98'], 'trained on other tasks')):
+        with pytest.raises(SystemExit, match=msg):
+            run_exp1.main(_exp1_args(tiny_cifar_dir, bad, *extra, '--phase1-from', str(straight_exp1)))
+        assert not (bad / 'state.json').exists()       # refused before anything was stored: --out reusable
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, capsys):
@@ -161,6 +185,33 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, capsys
     assert all(np.all(np.isfinite(v)) for v in saved.values())
 
 
+def test_parameters_gone_non_finite_are_never_checkpointed(tmp_path):
+    """The loss of a step is that of the parameters before its update: an update to inf
+    after a finite loss must not be saved as 'the last good checkpoint'."""
+    cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(2,), kernel=3, fc=(3,), z_dim=4, n_tasks=1)
+    params = S.init_params(cfg, seed=0)
+    run = T.RunDir(str(tmp_path / 'r'), quiet=True)
+    calls = [0]
+
+    def step_fn(p, batch):
+        calls[0] += 1
+        x, y = batch
+        loss, g, logits = S.loss_and_grads(p, x, y, [0], cfg)
+        if calls[0] == 20:
+            g['z'] = g['z'] * np.inf          # step 20's loss is finite; its update is not
+        return loss, g, logits, y
+
+    r = np.random.default_rng(0)
+    x = r.normal(size=(1, 4, 8, 8, 3)).astype(np.float32)
+    y = np.array([[0, 1, 0, 1]], dtype=np.float32)
+    with np.errstate(invalid='ignore', over='ignore'):
+        with pytest.raises(T.TrainingDiverged, match='z became non-finite by step 20: stopping without saving'):
+            T.train_stage(run, 's', params, cfg, step_fn, lambda rng: (x, y), 50,
+                          T.Optimizer('sgd', learning_rate=1e-3), None, 0, log_every=10, ckpt_every=10)
+    _, _, meta = S.load_checkpoint(run.ckpt('s'))        # refuses NaN/inf: so this is finite
+    assert meta['extra']['step'] == 10
+
+
 def test_exp2_end_to_end(tiny_cifar_dir, tmp_path):
     out = tmp_path / 'e2'
     args = TINY + ['--data-dir', str(tiny_cifar_dir), '--out', str(out), '--steps', '30',
@@ -169,7 +220,7 @@ def test_exp2_end_to_end(tiny_cifar_dir, tmp_path):
     assert run_exp2.main(args) == 0
     s = json.loads((out / 'summary.json').read_text())
     assert set(s['adapt']) == {'3', '53'}
-    assert s['adapt']['3']['z_only']['generator_unchanged'] is True
+    assert s['adapt']['3']['z_only']['generator_unchanged'] is True and s['adapt']['3']['z_only']['z_change'] > 1e-3
     assert len(s['phase1']['per_task']) == 98
     assert len(s['z_swap']) == 98
     # z = 0 is one classifier for both twins: on identical images with reversed labels
@@ -222,6 +273,7 @@ def test_exp1_with_hypernetwork_and_knowledge_evolution(tiny_cifar_dir, tmp_path
     assert s['param_counts']['generator'] < S.count_params(S.Config())['generator'] / 10
     a = s['adapt']['98']
     assert a['z_only']['generator_unchanged'] is True and a['z_only']['trainable'] == 100
+    assert a['z_only']['z_change'] > 1e-3
     assert [g['gen'] for g in a['ke']['generations']] == [1, 2]
     assert 0 < a['ke']['slim_params'] < 37165
     md = (out / 'results.md').read_text()
@@ -375,6 +427,27 @@ def test_aggregate_rejects_corrupt_and_foreign_summaries(straight_exp1, tmp_path
             run_exp1.main(['--aggregate', str(straight_exp1), str(d)])
 
 
+def test_aggregate_pools_only_runs_that_differ_in_their_seed(straight_exp1, tmp_path):
+    """Other options, other data or a seed twice: refused by name, not averaged as seeds."""
+    s = json.loads((straight_exp1 / 'summary.json').read_text())
+    for name, change, msg in [('seed1', {'config': {'seed': 1}}, None),
+                              ('lr', {'config': {'seed': 1, 'lr': 0.5}}, r'other options \(--lr 0.001 / 0.5\)'),
+                              ('data', {'config': {'seed': 1}, 'fingerprints': {'test_data': '0' * 32}},
+                               'test_data fingerprint'),
+                              ('again', {}, r'seed\(s\) \[0\] given by more than one run')]:
+        d = tmp_path / name
+        d.mkdir()
+        r = json.loads(json.dumps(s))
+        for k, v in change.items():
+            r[k].update(v)
+        (d / 'summary.json').write_text(json.dumps(r))
+        if msg is None:
+            assert run_exp1.main(['--aggregate', str(straight_exp1), str(d)]) == 0
+        else:
+            with pytest.raises(SystemExit, match=msg):
+                run_exp1.main(['--aggregate', str(straight_exp1), str(d)])
+
+
 def test_damaged_phase1_and_state_files_give_workable_advice(tiny_cifar_dir, straight_exp1, tmp_path, capsys):
     import shutil
     out = tmp_path / 'copy'
@@ -395,9 +468,10 @@ def test_damaged_phase1_and_state_files_give_workable_advice(tiny_cifar_dir, str
     assert 'done already' not in after and '[adapt/T98/finetune] step' in after     # not mixed with old stages
     assert _strip_times(json.loads((out / 'summary.json').read_text())) == a
     # a corrupt state.json: named, and deleting it as told works too
-    (out / 'state.json').write_text('{"stages": {')
-    with pytest.raises(SystemExit, match=f"^error: {out / 'state.json'} is corrupt .*delete it"):
-        run_exp1.main(resume)
+    for text in ('{"stages": {', '{"stages": []}', '{"settings": "x"}', '{"stages": {"phase1": 3}}'):
+        (out / 'state.json').write_text(text)       # unreadable, or valid JSON of the wrong structure
+        with pytest.raises(SystemExit, match=f"^error: {out / 'state.json'} is corrupt .*delete it"):
+            run_exp1.main(resume)
     os.remove(out / 'state.json')
     assert run_exp1.main(resume) == 0
     assert _strip_times(json.loads((out / 'summary.json').read_text())) == a
