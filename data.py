@@ -325,9 +325,14 @@ def _fetch(url: str, part: Path, quiet: bool, timeout: float) -> None:
         raise
     with resp:
         status = getattr(resp, "status", None) or resp.getcode()
-        if have and status == 206:
+        rng = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range") or "")
+        if have and status == 206 and rng and int(rng.group(1)) == have:
             mode = "ab"
-        else:  # fresh download, or the server ignored the Range header: start over
+        else:  # fresh download, or the server ignored the Range header (or answered another one): start over
+            if have and status == 206:
+                resp.close()
+                part.unlink()
+                return _fetch(url, part, quiet, timeout)
             mode, have = "wb", 0
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None

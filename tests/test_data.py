@@ -239,6 +239,41 @@ def test_real_set_is_checked_against_official_sizes_and_md5(cifar_copy):
     assert str(cifar_copy / data.CIFAR100_DIRNAME / "train") in msg and "155,249,918" in msg
 
 
+def test_official_constants_are_facts_md_s():
+    """The URL, md5s and sizes as ../shared/reference/facts.md gives them: a typo in one
+    would make every real download or load fail (or, worse, accept another file)."""
+    assert data.CIFAR100_URL == "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    assert (data.CIFAR100_ARCHIVE_MD5, data.CIFAR100_ARCHIVE_SIZE) == ("eb9058c3a382ffc7106e4002c42a8d85", 169_001_437)
+    assert data.CIFAR100_MD5 == {"train": "16019d7e3df5f24257cddd939b257f8d",
+                                 "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+                                 "meta": "7973b15100ade9c7d40fb424638fde48"}
+    assert data.CIFAR100_SIZES == {"train": 155_249_918, "test": 31_049_707}
+
+
+def _relabel_one(d, fine=None, coarse=None):
+    if fine is not None:
+        d[b"fine_labels"][0] = fine
+    if coarse is not None:
+        d[b"coarse_labels"][0] = coarse
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda d: _relabel_one(d, fine=(d[b"fine_labels"][0] + 5) % 100, coarse=((d[b"fine_labels"][0] + 5) % 100) // 5),
+     "images per fine class"),
+    (lambda d: _relabel_one(d, coarse=(d[b"coarse_labels"][0] + 1) % 20), "more than one coarse label"),
+])
+def test_label_counts_and_fine_to_coarse_are_checked(cifar_copy, mutate, msg):
+    _rewrite(cifar_copy, "train", mutate)
+    err = _load_error(cifar_copy)
+    assert str(cifar_copy / data.CIFAR100_DIRNAME / "train") in err and msg in err
+
+
+def test_meta_with_a_name_missing_is_detected(cifar_copy):
+    _rewrite(cifar_copy, "meta", lambda d: d[b"fine_label_names"].pop())
+    err = _load_error(cifar_copy)
+    assert str(cifar_copy / data.CIFAR100_DIRNAME / "meta") in err and "list of 100 names" in err
+
+
 def test_wrong_array_shape_is_detected(cifar_copy):
     _rewrite(cifar_copy, "train", lambda d: d.__setitem__(b"data", d[b"data"].reshape(N_TR, 3, 1024)))
     msg = _load_error(cifar_copy)
@@ -536,27 +571,35 @@ def test_download_rejects_unsafe_tar_members(mini_dir, tmp_path):
 class _RangeHandler(BaseHTTPRequestHandler):
     payload = b""
     seen_ranges = []
+    wrong_offset = False          # answer a Range request with 206 from byte 0
+    cut_at = None                 # stop sending after this many bytes of the body (a dropped connection)
 
     def do_GET(self):  # noqa: N802
         rng = self.headers.get("Range")
         type(self).seen_ranges.append(rng)
-        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        start = int(rng.split("=")[1].rstrip("-")) if rng and not self.wrong_offset else 0
         body = self.payload[start:]
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(body)))
         if rng:
             self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body if self.cut_at is None else body[:self.cut_at])
+        if self.cut_at is not None:
+            self.close_connection = True
 
     def log_message(self, *args):
         pass
 
 
-def test_download_resumes_with_http_range(mini_dir, tmp_path):
+@pytest.mark.parametrize("wrong_offset", [False, True])
+def test_download_resumes_with_http_range(mini_dir, tmp_path, wrong_offset):
+    """A .part is resumed from its end; a 206 for another offset than asked is not appended
+    to it (the download starts over instead)."""
     tgz, md5 = _make_tarball(mini_dir, tmp_path / "c.tar.gz")
     payload = tgz.read_bytes()
-    _RangeHandler.payload, _RangeHandler.seen_ranges = payload, []
+    _RangeHandler.payload, _RangeHandler.seen_ranges, _RangeHandler.wrong_offset = payload, [], wrong_offset
+    _RangeHandler.cut_at = None
     try:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
     except OSError:
@@ -573,12 +616,40 @@ def test_download_resumes_with_http_range(mini_dir, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-    assert _RangeHandler.seen_ranges == [f"bytes={half}-"]
+    assert _RangeHandler.seen_ranges == [f"bytes={half}-"] + ([None] if wrong_offset else [])
     assert data.file_md5(dd / data.CIFAR100_ARCHIVE) == md5
     assert data.load_cifar100(dd).synthetic
 
 
 # ---------------------------------------------------------------- montage and CLI
+
+
+def test_a_dropped_download_keeps_its_part_and_the_next_call_resumes_it(mini_dir, tmp_path):
+    tgz, md5 = _make_tarball(mini_dir, tmp_path / "c.tar.gz")
+    payload = tgz.read_bytes()
+    _RangeHandler.payload, _RangeHandler.seen_ranges, _RangeHandler.wrong_offset = payload, [], False
+    _RangeHandler.cut_at = len(payload) // 3
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    except OSError:
+        pytest.skip("cannot bind a local port")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    dd = tmp_path / "dd"
+    part = dd / (data.CIFAR100_ARCHIVE + ".part")
+    url = f"http://127.0.0.1:{server.server_address[1]}/cifar-100-python.tar.gz"
+    try:
+        with pytest.raises(data.DataError, match="is kept|stopped at"):
+            data.download_cifar100(dd, url=url, quiet=True, md5=md5)
+        assert part.read_bytes() == payload[:len(payload) // 3]        # not deleted by the md5 check
+        _RangeHandler.cut_at = None
+        data.download_cifar100(dd, url=url, quiet=True, md5=md5)
+    finally:
+        _RangeHandler.cut_at = None
+        server.shutdown()
+        server.server_close()
+    assert _RangeHandler.seen_ranges == [None, f"bytes={len(payload) // 3}-"]
+    assert data.file_md5(dd / data.CIFAR100_ARCHIVE) == md5 and not part.exists()
 
 
 def test_montage_png(tiny_cifar, tmp_path):
