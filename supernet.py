@@ -40,9 +40,11 @@ cut into shards, one per thread (classifier_loss_and_grads, classifier_forward).
 """
 import dataclasses
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -122,14 +124,21 @@ def classifier_shapes(cfg):
     return shapes
 
 
+_LAYOUTS = {}        # the classifier's layouts by architecture: every step asks for one
+
+
 def classifier_layout(cfg):
-    """{name: (offset, size, shape)} of each tensor inside a generator output row, and P."""
-    layout, off = {}, 0
-    for name, shape in classifier_shapes(cfg):
-        n = int(np.prod(shape))
-        layout[name] = (off, n, shape)
-        off += n
-    return layout, off
+    """{name: (offset, size, shape)} of each tensor inside a generator output row (a
+    read-only mapping, computed once per architecture), and P."""
+    key = repr((cfg.image_shape, cfg.conv_filters, cfg.kernel, cfg.stride, cfg.padding, cfg.fc))
+    if key not in _LAYOUTS:
+        layout, off = {}, 0
+        for name, shape in classifier_shapes(cfg):
+            n = math.prod(shape)
+            layout[name] = (off, n, shape)
+            off += n
+        _LAYOUTS[key] = (MappingProxyType(layout), off)
+    return _LAYOUTS[key]
 
 
 def _gen_dims(cfg):
