@@ -422,6 +422,10 @@ def download_cifar100(data_dir: str | os.PathLike | None = None, url: str = CIFA
                 print(f"using the verified archive {archive}", file=sys.stderr)
             return _safe_extract(archive, data_dir, quiet)
         bad = archive.with_name(archive.name + ".bad")
+        for k in range(1, 1000):            # an earlier .bad is kept too
+            if not bad.exists():
+                break
+            bad = archive.with_name(f"{archive.name}.bad{k}")
         os.replace(archive, bad)            # kept, not deleted: it may be a copy still being made
         moved = (f"{archive} ({_size_note(bad)}) has md5 {got}, not {md5}: it is incomplete or another "
                  f"file; it was moved to {bad}, and the archive is downloaded again.")

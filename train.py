@@ -595,8 +595,9 @@ def _import_phase1(run, src, final, train_ids, cfg):
         raise SystemExit(f"error: --phase1-from {src} was trained on other tasks; use the same --holdout")
     theirs, ours = state.get('settings'), run.state.get('settings')
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        diffs = [f"--{k.replace('_', '-')} {theirs.get(k, 'unset')!r} there, {ours.get(k, 'unset')!r} here"
-                 for k in sorted(set(theirs) | set(ours)) if k not in PHASE2_ONLY and theirs.get(k) != ours.get(k)]
+        shared = sorted(set(theirs) & set(ours))       # an option one version lacked is not compared
+        diffs = [f"--{k.replace('_', '-')} {theirs[k]!r} there, {ours[k]!r} here"
+                 for k in shared if k not in PHASE2_ONLY and theirs[k] != ours[k]]
         if diffs:
             raise SystemExit(f"error: --phase1-from {src}: its phase 1 ran with other options ({'; '.join(diffs)}); "
                              "use that run's data, seed and phase-1 options here")

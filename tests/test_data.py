@@ -546,10 +546,12 @@ def test_a_bad_archive_placed_by_hand_is_kept_and_named(mini_dir, tmp_path, caps
     assert bad.read_bytes() == cut and not (dd / data.CIFAR100_ARCHIVE).exists()
     assert f"moved to {bad}" in str(e.value) and "1,000 bytes" in str(e.value)
     assert f"moved to {bad}" in capsys.readouterr().err
-    # with the right file reachable, the download replaces it and the set loads
-    (dd / data.CIFAR100_ARCHIVE).write_bytes(cut)
+    # with the right file reachable, the download replaces it and the set loads; the earlier
+    # .bad is kept beside the new one
+    (dd / data.CIFAR100_ARCHIVE).write_bytes(cut[:500])
     assert data.download_cifar100(dd, url=tgz.as_uri(), quiet=True, md5=md5) == dd / data.CIFAR100_DIRNAME
     assert data.file_md5(dd / data.CIFAR100_ARCHIVE) == md5 and bad.read_bytes() == cut
+    assert (dd / (data.CIFAR100_ARCHIVE + ".bad1")).read_bytes() == cut[:500]
 
 
 def test_download_without_network_explains_alternatives(tmp_path):
