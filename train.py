@@ -271,6 +271,11 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
         elapsed0 = extra.get('elapsed_s', 0.0)
         run.log(f"[{name}] resumed at step {start}/{steps}")
 
+    # what to do after a divergence: a later stage need not train phase 1 again
+    afresh = ("Start afresh with a lower learning rate (another --out" +
+              (f", and --phase1-from {run.path} to reuse its finished phase 1)" if name != 'phase1' and
+               run.done('phase1') else ")"))
+
     def save(step, window=None):
         """window: the running sums of the current log interval, when stopping between
         boundaries (kept exactly, so the resumed curve equals an uninterrupted one)."""
@@ -278,8 +283,7 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
         if bad:             # a finite loss can still be followed by an update to inf/NaN
             raise TrainingDiverged(
                 f"[{name}] {', '.join(bad)} became non-finite by step {step}: stopping without saving. The last "
-                f"good checkpoint ({ckpt if os.path.exists(ckpt) else 'none yet'}) is kept. Start afresh with a "
-                "lower learning rate (another --out).")
+                f"good checkpoint ({ckpt if os.path.exists(ckpt) else 'none yet'}) is kept. {afresh}.")
         extra = {'step': step, 'rng': rng.bit_generator.state, 'curve': curve,
                  'elapsed_s': elapsed0 + time.perf_counter() - t0}
         if window is not None:
@@ -318,8 +322,7 @@ def train_stage(run, name, params, cfg, step_fn, sample_fn, steps, optimizer, ke
                     raise TrainingDiverged(
                         f"[{name}] loss became {mean_loss} between steps {last_step} and {step}: stopping. "
                         f"The last good checkpoint ({ckpt if os.path.exists(ckpt) else 'none yet'}) is "
-                        "kept. Start afresh with a lower learning rate (another --out); --resume would "
-                        "replay the same steps.")
+                        f"kept. {afresh}; --resume would replay the same steps.")
                 acc = float(run_correct) / (run_n * labels.size)
                 now = time.perf_counter()
                 ips = n_img / max(now - t_last, 1e-9)
