@@ -501,10 +501,11 @@ def _read_marker(root: Path) -> dict | None:
         marker = json.loads(path.read_text())
         if marker.get("format") != SYNTHETIC_FORMAT:
             raise ValueError(f"format is {marker.get('format')!r}, expected {SYNTHETIC_FORMAT!r}")
-        for key in ("md5", "n_train", "n_test", "n_train_per_class", "n_test_per_class", "seed"):
+        counts = ("n_train", "n_test", "n_train_per_class", "n_test_per_class", "seed")
+        for key in ("md5",) + counts:
             if key not in marker:
                 raise ValueError(f"missing key {key!r}")
-        for key in ("n_train", "n_test", "n_train_per_class", "n_test_per_class", "seed"):
+        for key in counts:
             v = marker[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{key} is {v!r}, expected an integer >= 0")

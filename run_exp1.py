@@ -122,8 +122,8 @@ def _check_comparable(runs):
     first = runs[0]
     for r in runs[1:]:
         a, b = options(first), options(r)
-        keys = (set(a) & set(b)) - _MAY_DIFFER - ({'data_dir'} if a.get('data') == b.get('data') == 'synthetic' else set())
-        diffs = [f"--{k.replace('_', '-')} {a[k]!r} / {b[k]!r}" for k in sorted(keys) if a[k] != b[k]]
+        may_differ = _MAY_DIFFER | ({'data_dir'} if a.get('data') == b.get('data') == 'synthetic' else set())
+        diffs = [f"--{k.replace('_', '-')} {a[k]!r} / {b[k]!r}" for k in T.differing_options(a, b, may_differ)]
         fa, fb = first.get('fingerprints') or {}, r.get('fingerprints') or {}
         diffs += [f"{k} fingerprint {fa[k]} / {fb[k]}" for k in ('train_data', 'test_data')
                   if k in fa and k in fb and fa[k] != fb[k]]

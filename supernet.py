@@ -175,16 +175,9 @@ def check_params(params, cfg):
 
 def count_params(cfg):
     """Parameter counts, computed from the shapes: classifier, generator, z."""
-    if cfg.generator == 'hyper':
-        import hyper
-        return {'classifier': classifier_layout(cfg)[1], 'generator': hyper.hyper_count(cfg, hyper_config(cfg)),
-                'z_per_task': cfg.z_dim, 'z_total': cfg.z_dim * cfg.n_tasks}
-    _, P = classifier_layout(cfg)
-    dims = _gen_dims(cfg)
-    hidden = sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
-    gen = hidden + dims[-1] * P + P
-    return {'classifier': P, 'generator': gen, 'z_per_task': cfg.z_dim,
-            'z_total': cfg.z_dim * cfg.n_tasks}
+    return {'classifier': classifier_layout(cfg)[1],
+            'generator': sum(math.prod(s) for s in generator_shapes(cfg).values()),
+            'z_per_task': cfg.z_dim, 'z_total': cfg.z_dim * cfg.n_tasks}
 
 
 # =========================================================================== init

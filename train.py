@@ -578,6 +578,12 @@ def load_finished(path, again, **kw):
                                 f"same command with --resume; {again}") from None
 
 
+def differing_options(a, b, may_differ=()):
+    """Sorted keys of the options two runs both stored (an option one run's version lacked
+    is not compared), other than may_differ, whose values differ."""
+    return [k for k in sorted(set(a) & set(b)) if k not in may_differ and a[k] != b[k]]
+
+
 # Options that only change phase 2 (or name the tasks, compared as the task list itself):
 # --phase1-from may take a phase 1 whose run differs in these only.
 PHASE2_ONLY = ('adapt_steps', 'methods', 'z_lr', 'baseline_lr', 'finetune_lr', 'new_z', 'ke_generations',
@@ -598,9 +604,8 @@ def _import_phase1(run, src, final, train_ids, cfg):
         raise SystemExit(f"error: --phase1-from {src} was trained on other tasks; use the same --holdout")
     theirs, ours = state.get('settings'), run.state.get('settings')
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        shared = sorted(set(theirs) & set(ours))       # an option one version lacked is not compared
         diffs = [f"--{k.replace('_', '-')} {theirs[k]!r} there, {ours[k]!r} here"
-                 for k in shared if k not in PHASE2_ONLY and theirs[k] != ours[k]]
+                 for k in differing_options(theirs, ours, PHASE2_ONLY)]
         if diffs:
             raise SystemExit(f"error: --phase1-from {src}: its phase 1 ran with other options ({'; '.join(diffs)}); "
                              "use that run's data, seed and phase-1 options here")

@@ -93,23 +93,24 @@ def conv_output_size(size, k, stride, pad):
 
 def _pad_hw(pad):
     """pad for both axes: 'SAME' | 'VALID' | int | ((top,bottom),(left,right)), ints >= 0."""
-    bad = ValueError(f"conv: padding must be 'SAME', 'VALID', an int >= 0 or ((top, bottom), (left, right)) "
-                     f"of ints >= 0, got {pad!r}")
+    def bad():                   # built only when raised: this runs on every conv call
+        return ValueError(f"conv: padding must be 'SAME', 'VALID', an int >= 0 or ((top, bottom), (left, right)) "
+                          f"of ints >= 0, got {pad!r}")
 
     def count(v):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-            raise bad
+            raise bad()
         return int(v)
     if isinstance(pad, str):
         if pad not in ('SAME', 'VALID'):
-            raise bad
+            raise bad()
         return pad, pad
     if isinstance(pad, numbers.Integral):
         return count(pad), count(pad)
     try:
         (t, b), (l, r) = pad
     except (TypeError, ValueError):
-        raise bad from None
+        raise bad() from None
     return (count(t), count(b)), (count(l), count(r))
 
 

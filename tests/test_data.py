@@ -1,5 +1,6 @@
 """Tests for data.py: loading/verification, synthetic set, tasks, TaskSet, download, montage, CLI."""
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -594,64 +595,59 @@ class _RangeHandler(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _range_server(payload, wrong_offset=False, cut_at=None):
+    """A local HTTP server of payload (_RangeHandler, its settings as given and a fresh
+    log of the Range headers it saw), shut down on exit; yields the archive's URL."""
+    _RangeHandler.payload, _RangeHandler.seen_ranges = payload, []
+    _RangeHandler.wrong_offset, _RangeHandler.cut_at = wrong_offset, cut_at
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    except OSError:
+        pytest.skip("cannot bind a local port")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/cifar-100-python.tar.gz"
+    finally:
+        _RangeHandler.cut_at = None
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("wrong_offset", [False, True])
 def test_download_resumes_with_http_range(mini_dir, tmp_path, wrong_offset):
     """A .part is resumed from its end; a 206 for another offset than asked is not appended
     to it (the download starts over instead)."""
     tgz, md5 = _make_tarball(mini_dir, tmp_path / "c.tar.gz")
     payload = tgz.read_bytes()
-    _RangeHandler.payload, _RangeHandler.seen_ranges, _RangeHandler.wrong_offset = payload, [], wrong_offset
-    _RangeHandler.cut_at = None
-    try:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    except OSError:
-        pytest.skip("cannot bind a local port")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        dd = tmp_path / "dd"
-        dd.mkdir()
-        half = len(payload) // 2
-        (dd / (data.CIFAR100_ARCHIVE + ".part")).write_bytes(payload[:half])
-        url = f"http://127.0.0.1:{server.server_address[1]}/cifar-100-python.tar.gz"
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    half = len(payload) // 2
+    (dd / (data.CIFAR100_ARCHIVE + ".part")).write_bytes(payload[:half])
+    with _range_server(payload, wrong_offset=wrong_offset) as url:
         data.download_cifar100(dd, url=url, quiet=True, md5=md5)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert _RangeHandler.seen_ranges == [f"bytes={half}-"] + ([None] if wrong_offset else [])
     assert data.file_md5(dd / data.CIFAR100_ARCHIVE) == md5
     assert data.load_cifar100(dd).synthetic
 
 
-# ---------------------------------------------------------------- montage and CLI
-
-
 def test_a_dropped_download_keeps_its_part_and_the_next_call_resumes_it(mini_dir, tmp_path):
     tgz, md5 = _make_tarball(mini_dir, tmp_path / "c.tar.gz")
     payload = tgz.read_bytes()
-    _RangeHandler.payload, _RangeHandler.seen_ranges, _RangeHandler.wrong_offset = payload, [], False
-    _RangeHandler.cut_at = len(payload) // 3
-    try:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    except OSError:
-        pytest.skip("cannot bind a local port")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     dd = tmp_path / "dd"
     part = dd / (data.CIFAR100_ARCHIVE + ".part")
-    url = f"http://127.0.0.1:{server.server_address[1]}/cifar-100-python.tar.gz"
-    try:
+    with _range_server(payload, cut_at=len(payload) // 3) as url:
         with pytest.raises(data.DataError, match="is kept|stopped at"):
             data.download_cifar100(dd, url=url, quiet=True, md5=md5)
         assert part.read_bytes() == payload[:len(payload) // 3]        # not deleted by the md5 check
         _RangeHandler.cut_at = None
         data.download_cifar100(dd, url=url, quiet=True, md5=md5)
-    finally:
-        _RangeHandler.cut_at = None
-        server.shutdown()
-        server.server_close()
     assert _RangeHandler.seen_ranges == [None, f"bytes={len(payload) // 3}-"]
     assert data.file_md5(dd / data.CIFAR100_ARCHIVE) == md5 and not part.exists()
+
+
+# ---------------------------------------------------------------- montage and CLI
 
 
 def test_montage_png(tiny_cifar, tmp_path):

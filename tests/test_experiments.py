@@ -163,7 +163,9 @@ def test_phase1_from_reuses_only_a_matching_phase1(tiny_cifar_dir, straight_exp1
         assert not (bad / 'state.json').exists()       # refused before anything was stored: --out reusable
 
 
-def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, capsys):
+def _tiny_stage(tmp_path, spoil):
+    """A tiny one-task model, its RunDir, a step_fn that hands (step number, loss, grads)
+    to spoil, which returns the loss to report (and may change grads), and a fixed batch."""
     cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(2,), kernel=3, fc=(3,), z_dim=4, n_tasks=1)
     params = S.init_params(cfg, seed=0)
     run = T.RunDir(str(tmp_path / 'r'), quiet=True)
@@ -173,17 +175,19 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, capsys
         calls[0] += 1
         x, y = batch
         loss, g, logits = S.loss_and_grads(p, x, y, [0], cfg)
-        if calls[0] > 25:
-            loss = loss * np.nan
-        return loss, g, logits, y
+        return spoil(calls[0], loss, g), g, logits, y
 
     r = np.random.default_rng(0)
     x = r.normal(size=(1, 4, 8, 8, 3)).astype(np.float32)
     y = np.array([[0, 1, 0, 1]], dtype=np.float32)
+    return run, params, cfg, step_fn, lambda rng: (x, y)
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, capsys):
+    run, params, cfg, step_fn, sample = _tiny_stage(tmp_path, lambda n, loss, g: loss * np.nan if n > 25 else loss)
     opt = T.Optimizer('adam', learning_rate=1e-3)
     with pytest.raises(T.TrainingDiverged, match='loss became nan between steps 20 and 30'):
-        T.train_stage(run, 's', params, cfg, step_fn, lambda rng: (x, y), 50, opt, None, 0,
-                      log_every=10, ckpt_every=20)
+        T.train_stage(run, 's', params, cfg, step_fn, sample, 50, opt, None, 0, log_every=10, ckpt_every=20)
     saved, _, meta = S.load_checkpoint(run.ckpt('s'))
     assert meta['extra']['step'] == 20
     assert all(np.all(np.isfinite(v)) for v in saved.values())
@@ -192,25 +196,14 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, capsys
 def test_parameters_gone_non_finite_are_never_checkpointed(tmp_path):
     """The loss of a step is that of the parameters before its update: an update to inf
     after a finite loss must not be saved as 'the last good checkpoint'."""
-    cfg = S.Config(image_shape=(8, 8, 3), conv_filters=(2,), kernel=3, fc=(3,), z_dim=4, n_tasks=1)
-    params = S.init_params(cfg, seed=0)
-    run = T.RunDir(str(tmp_path / 'r'), quiet=True)
-    calls = [0]
-
-    def step_fn(p, batch):
-        calls[0] += 1
-        x, y = batch
-        loss, g, logits = S.loss_and_grads(p, x, y, [0], cfg)
-        if calls[0] == 20:
+    def spoil(n, loss, g):
+        if n == 20:
             g['z'] = g['z'] * np.inf          # step 20's loss is finite; its update is not
-        return loss, g, logits, y
-
-    r = np.random.default_rng(0)
-    x = r.normal(size=(1, 4, 8, 8, 3)).astype(np.float32)
-    y = np.array([[0, 1, 0, 1]], dtype=np.float32)
+        return loss
+    run, params, cfg, step_fn, sample = _tiny_stage(tmp_path, spoil)
     with np.errstate(invalid='ignore', over='ignore'):
         with pytest.raises(T.TrainingDiverged, match='z became non-finite by step 20: stopping without saving'):
-            T.train_stage(run, 's', params, cfg, step_fn, lambda rng: (x, y), 50,
+            T.train_stage(run, 's', params, cfg, step_fn, sample, 50,
                           T.Optimizer('sgd', learning_rate=1e-3), None, 0, log_every=10, ckpt_every=10)
     _, _, meta = S.load_checkpoint(run.ckpt('s'))        # refuses NaN/inf: so this is finite
     assert meta['extra']['step'] == 10
